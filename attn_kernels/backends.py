@@ -1,0 +1,187 @@
+"""Which backend computes a block for a given input, and why the others were passed over.
+
+Backends:
+  'cuda'       the compiled CUDA extension (csrc/), for CUDA tensors
+  'triton'     the Triton kernels, for CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
+  'reference'  pure PyTorch (attn_kernels.reference): any device, dtype and layout
+  'auto'       (default) 'cuda', else 'triton', else 'reference'; CPU tensors go to 'reference'
+
+Choose with `set_backend(name)`, `with use_backend(name):` or the environment variable
+ATTN_KERNELS_BACKEND. An input the chosen backend cannot take goes to the next one that can;
+`dispatch(x)` (or a module's `.dispatch(x)`) says which backend runs and why others did not.
+"""
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+from typing import Dict, NamedTuple, Optional
+
+import torch
+
+__all__ = ["BACKENDS", "set_backend", "get_backend", "use_backend", "dispatch", "Dispatch", "unavailable_reason"]
+
+BACKENDS = ("auto", "cuda", "triton", "reference")
+KERNEL_BACKENDS = ("cuda", "triton")  # the order 'auto' tries them in
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+ENV_VAR = "ATTN_KERNELS_BACKEND"
+
+logger = logging.getLogger("attn_kernels")
+
+
+def _validated(name, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(map(repr, BACKENDS))}, got {name!r}")
+    return name
+
+
+_backend = _validated(os.environ.get(ENV_VAR, "auto"), f"environment variable {ENV_VAR}")
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every fused block from now on ('auto', 'cuda', 'triton', 'reference')."""
+    global _backend
+    _backend = _validated(name, "backend")
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Select a backend inside a `with` block, restoring the previous one after it."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# The checks below are constant for a process; torch.compile evaluates them once while tracing.
+_status_cache: Dict[str, Optional[str]] = {}
+
+
+@torch.compiler.assume_constant_result
+def cuda_extension_error() -> Optional[str]:
+    """Why the compiled extension cannot be used, or None when it is loaded."""
+    if "cuda" not in _status_cache:
+        try:
+            from . import _C  # noqa: F401  (loading it registers torch.ops.attn_kernels_cuda)
+
+            _status_cache["cuda"] = None
+        except ImportError as e:
+            _status_cache["cuda"] = (
+                f"the CUDA extension attn_kernels._C is not built ({e}); "
+                "run `python -m attn_kernels.info` for how to build it"
+            )
+    return _status_cache["cuda"]
+
+
+def cuda_build_info() -> dict:
+    """What setup.py recorded when it compiled the extension (arch list, torch and CUDA versions)."""
+    path = os.path.join(os.path.dirname(__file__), "_build_info.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+@torch.compiler.assume_constant_result
+def cuda_arch_error(device_index: int) -> Optional[str]:
+    """Why the extension's kernels cannot run on this GPU (not compiled for its arch), or None."""
+    key = f"arch:{device_index}"
+    if key not in _status_cache:
+        major, minor = torch.cuda.get_device_capability(device_index)
+        arch_list = cuda_build_info().get("cuda_arch_list", "")
+        entries = arch_list.replace(";", " ").split()  # e.g. "8.0 9.0+PTX"
+        compiled = {e.split("+")[0] for e in entries}
+        ptx = [float(e.split("+")[0]) for e in entries if e.endswith("+PTX")]
+        ok = not entries or f"{major}.{minor}" in compiled or any(p <= major + minor / 10 for p in ptx)
+        _status_cache[key] = None if ok else (
+            f"the CUDA extension was built for TORCH_CUDA_ARCH_LIST={arch_list!r}, not for this GPU "
+            f"(sm_{major}{minor}); rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}"
+        )
+    return _status_cache[key]
+
+
+@torch.compiler.assume_constant_result
+def triton_error() -> Optional[str]:
+    if "triton" not in _status_cache:
+        found = importlib.util.find_spec("triton") is not None
+        _status_cache["triton"] = None if found else "triton is not installed"
+    return _status_cache["triton"]
+
+
+def unavailable_reason(backend: str, x: torch.Tensor) -> Optional[str]:
+    """Why `backend` cannot compute a block on `x`, or None if it can."""
+    _validated(backend, "backend")
+    if backend in ("reference", "auto"):
+        return None
+    if backend == "cuda":
+        why = cuda_extension_error()
+        if why is None and x.device.type != "cuda":
+            why = f"x is on {x.device}; the cuda backend runs on CUDA tensors"
+        if why is None:
+            why = cuda_arch_error(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    else:
+        why = triton_error()
+        if why is None and x.device.type != "cuda" and not (x.device.type == "cpu" and triton_interpreted()):
+            why = f"x is on {x.device}; the triton backend runs on CUDA tensors (CPU tensors with TRITON_INTERPRET=1)"
+    if why:
+        return why
+    if x.dtype not in KERNEL_DTYPES:
+        return f"x has dtype {x.dtype}; the kernels take float16, bfloat16, float32 and float64"
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return (
+            f"x is neither contiguous NCHW nor channels_last (strides {tuple(x.stride())}); "
+            "the kernels read x where it lies rather than copy it"
+        )
+    return None
+
+
+class Dispatch(NamedTuple):
+    """The backend that computes a block on an input, and why each backend before it was passed over."""
+
+    backend: str
+    passed_over: Dict[str, str]
+
+    def __str__(self):
+        lines = [f"backend: {self.backend}"] + [f"  not {name}: {why}" for name, why in self.passed_over.items()]
+        return "\n".join(lines)
+
+
+def dispatch(x: torch.Tensor, block_reason: Optional[str] = None) -> Dispatch:
+    """Pick the backend for `x` under the current setting.
+
+    `block_reason`, when given, is why no kernel covers this block's configuration (an activation
+    without a fused formula, a norm layer): every kernel backend is then passed over with it.
+    """
+    requested = _backend
+    if requested == "reference":
+        return Dispatch("reference", {})
+    if requested == "auto":
+        candidates = KERNEL_BACKENDS
+    else:
+        candidates = (requested,) + tuple(b for b in KERNEL_BACKENDS if b != requested)
+    passed_over = {}
+    chosen = "reference"
+    for backend in candidates:
+        if block_reason is not None:
+            why = block_reason
+        elif requested == "auto" and x.device.type != "cuda":
+            why = f"x is on {x.device}; 'auto' sends non-CUDA tensors to the reference"
+        else:
+            why = unavailable_reason(backend, x)
+        if why is None:
+            chosen = backend
+            break
+        passed_over[backend] = why
+    if requested not in ("auto", chosen):
+        logger.debug("backend %r passed over for %s: %s", requested, chosen, passed_over[requested])
+    return Dispatch(chosen, passed_over)

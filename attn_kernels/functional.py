@@ -1,0 +1,111 @@
+"""Fused attention blocks as functions: argument checks, backend dispatch, then the op.
+
+Each function has the signature of its reference in attn_kernels.reference and computes the same
+thing; the modules in attn_kernels.nn call these.
+"""
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+from .activations import ACTIVATIONS, kernel_activation_name
+from .backends import Dispatch, dispatch
+from .ops.se import se_forward
+
+Act = Union[str, Callable[[Tensor], Tensor]]
+
+__all__ = ["se", "se_dispatch"]
+
+
+def _kernel_name(act: Act, argument: str) -> Optional[str]:
+    if isinstance(act, str):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"{argument} must be one of {sorted(ACTIVATIONS)} or a module, got {act!r}")
+        return act
+    if not callable(act):
+        raise TypeError(f"{argument} must be an activation name or a callable, got {type(act).__name__}")
+    return kernel_activation_name(act) if isinstance(act, nn.Module) else None
+
+
+def _check_tensor(name: str, t: Optional[Tensor], shape: tuple, x: Tensor, optional: bool = False):
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{name} must be a tensor, got None")
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must be on the same device")
+
+
+def _check_activation_input(x: Tensor):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32, float64), got dtype {x.dtype}")
+    if x.shape[2] * x.shape[3] == 0 and x.shape[0] * x.shape[1] != 0:
+        raise ValueError(f"x must have H*W >= 1 to pool over, got shape {tuple(x.shape)}")
+
+
+def _check_se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    _check_activation_input(x)
+    if not isinstance(fc1_weight, Tensor) or fc1_weight.dim() != 4:
+        raise ValueError(
+            "fc1_weight must be a 4-D (rd_channels, channels, 1, 1) tensor, got "
+            f"{tuple(fc1_weight.shape) if isinstance(fc1_weight, Tensor) else type(fc1_weight).__name__}"
+        )
+    channels, rd_channels = x.shape[1], fc1_weight.shape[0]
+    _check_tensor("fc1_weight", fc1_weight, (rd_channels, channels, 1, 1), x)
+    _check_tensor("fc1_bias", fc1_bias, (rd_channels,), x, optional=True)
+    _check_tensor("fc2_weight", fc2_weight, (channels, rd_channels, 1, 1), x)
+    _check_tensor("fc2_bias", fc2_bias, (channels,), x, optional=True)
+
+
+def se_dispatch(
+    x: Tensor, *, act: Act = "relu", gate: Act = "sigmoid", norm: Optional[Callable[[Tensor], Tensor]] = None
+) -> Dispatch:
+    """Which backend `se` would run on x with this configuration, and why others were passed over."""
+    act_name, gate_name = _kernel_name(act, "act"), _kernel_name(gate, "gate")
+    reason = None
+    if norm is not None:
+        reason = f"norm {type(norm).__name__} between fc1 and act has no fused kernel"
+    elif act_name is None:
+        reason = f"act {act!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+    elif gate_name is None:
+        reason = f"gate {gate!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+    return dispatch(x, reason)
+
+
+def se(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    *,
+    add_maxpool: bool = False,
+    act: Act = "relu",
+    gate: Act = "sigmoid",
+    norm: Optional[Callable[[Tensor], Tensor]] = None,
+) -> Tensor:
+    """Squeeze-and-Excitation, as timm's SEModule: x * gate(fc2(act(norm(fc1(mean_hw(x)))))).
+
+    fc weights are 1x1-conv weights, (rd_channels, C, 1, 1) and (C, rd_channels, 1, 1). `act` and
+    `gate` are names from attn_kernels.activations.ACTIVATIONS or modules; anything the kernels lack
+    (another callable, a `norm`) runs through the reference.
+    """
+    _check_se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    backend = se_dispatch(x, act=act, gate=gate, norm=norm).backend
+    if backend == "reference":
+        return reference.se(
+            x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, add_maxpool=add_maxpool, act=act, gate=gate, norm=norm
+        )
+    act_name, gate_name = _kernel_name(act, "act"), _kernel_name(gate, "gate")
+    return se_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bool(add_maxpool), act_name, gate_name, backend)[0]

@@ -1,0 +1,41 @@
+"""Pure PyTorch references: exactly what the modules the kernels replace compute, op for op.
+
+These are the truth in every test and the 'reference' backend. Each has the signature of the
+fused function in attn_kernels.functional.
+"""
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .activations import ACTIVATIONS
+
+Act = Union[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _as_callable(act: Act) -> Callable[[torch.Tensor], torch.Tensor]:
+    return ACTIVATIONS[act].forward if isinstance(act, str) else act
+
+
+def se(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    *,
+    add_maxpool: bool = False,
+    act: Act = "relu",
+    gate: Act = "sigmoid",
+    norm: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """timm.layers.SEModule.forward: x * gate(fc2(act(norm(fc1(pool(x))))))."""
+    x_se = x.mean((2, 3), keepdim=True)
+    if add_maxpool:
+        x_se = 0.5 * x_se + 0.5 * x.amax((2, 3), keepdim=True)
+    x_se = F.conv2d(x_se, fc1_weight, fc1_bias)
+    if norm is not None:
+        x_se = norm(x_se)
+    x_se = _as_callable(act)(x_se)
+    x_se = F.conv2d(x_se, fc2_weight, fc2_bias)
+    return x * _as_callable(gate)(x_se)

@@ -1,0 +1,225 @@
+"""Channel-gate primitives in Triton, with the signatures of the CUDA ones (csrc/channel_gate.cu).
+
+  channel_pool(x, with_max) -> (mean, max)                 one read of x
+  channel_grad_reduce(dy, x, xmax) -> (dot, ties)          one read of dy and x
+  channel_gate_apply(a, gate, bias, x, xmax, tie_coef)     one read of a (and x), one write:
+      out = a*gate[n,c] + bias[n,c] + (x == xmax[n,c]) * tie_coef[n,c]
+
+Statistics are (N, C) tensors in the accumulator dtype (float32; float64 for float64 input).
+Kernels address x through its (n, c, h*w) strides, so contiguous NCHW and channels_last are both
+read where they lie; Triton specializes the unit stride, which makes either layout coalesced.
+Reductions are split over H*W into a fixed number of chunks whose partial results are summed in a
+fixed order: no atomics, bitwise reproducible.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.channel_gate import acc_dtype
+
+# Programs a reduction grid aims for before it splits H*W; tests raise it to exercise splitting.
+TARGET_PROGRAMS_PER_SM = 4
+_TILE_ELEMENTS = 2048  # elements of x a program holds per loop step
+
+
+def _strides(t: torch.Tensor):
+    """(stride_n, stride_c, stride_hw) of a 4-D tensor whose H and W fold into one dimension."""
+    n, c, h, w = t.stride()
+    return n, c, h if t.shape[3] == 1 else w
+
+
+def _check(op: str, name: str, t: torch.Tensor, like: torch.Tensor = None):
+    if t.dim() != 4:
+        raise ValueError(f"{op}(): argument '{name}' must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
+    if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"{op}(): argument '{name}' must be contiguous NCHW or channels_last, got strides {t.stride()}")
+    if t.numel() and t.shape[2] * t.shape[3] == 0:
+        raise ValueError(f"{op}(): argument '{name}' must have H*W >= 1 to pool over, got shape {tuple(t.shape)}")
+    if like is not None and (t.shape != like.shape or t.dtype != like.dtype or t.stride() != like.stride()):
+        raise ValueError(
+            f"{op}(): argument '{name}' must match the activation in shape, dtype and strides; got "
+            f"{tuple(t.shape)} {t.dtype} {t.stride()} vs {tuple(like.shape)} {like.dtype} {like.stride()}"
+        )
+
+
+def _tile(t: torch.Tensor):
+    """(BLOCK_C, BLOCK_HW): long along whichever of C and H*W is contiguous in memory."""
+    C, HW = t.shape[1], t.shape[2] * t.shape[3]
+    channels_last = not t.is_contiguous()
+    if channels_last:
+        block_c = min(triton.next_power_of_2(C), 256)
+        block_hw = min(triton.next_power_of_2(HW), max(1, _TILE_ELEMENTS // block_c))
+    else:
+        block_hw = min(triton.next_power_of_2(HW), 1024)
+        block_c = min(triton.next_power_of_2(C), max(1, _TILE_ELEMENTS // block_hw))
+    return block_c, block_hw
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else torch.device("cpu")
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 1
+
+
+@triton.jit
+def _reduce_kernel(
+    a_ptr, b_ptr, xmax_ptr, first_ptr, second_ptr,
+    N, C, HW, stride_n, stride_c, stride_hw, hw_per_split,
+    GRAD: tl.constexpr, SECOND: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    # GRAD=False: first = sum(a), second = max(a).  GRAD=True: first = sum(a*b), second =
+    # count(b == xmax[n, c]). One program per (n, channel tile, split of H*W).
+    pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    n = pid // c_tiles
+    c = (pid % c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    base = n * stride_n + c[:, None] * stride_c
+    hw_begin = split * hw_per_split
+    hw_end = tl.minimum(HW, hw_begin + hw_per_split)
+    acc_ty = first_ptr.dtype.element_ty
+
+    first = tl.zeros((BLOCK_C, BLOCK_HW), dtype=acc_ty)
+    if GRAD:
+        second = tl.zeros((BLOCK_C, BLOCK_HW), dtype=acc_ty)
+        if SECOND:
+            ref = tl.load(xmax_ptr + n * C + c, mask=c_mask, other=0)[:, None]
+    else:
+        second = tl.full((BLOCK_C, BLOCK_HW), float("-inf"), dtype=acc_ty)
+    for start in range(hw_begin, hw_end, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        mask = c_mask[:, None] & (hw < hw_end)[None, :]
+        offsets = base + hw[None, :] * stride_hw
+        a = tl.load(a_ptr + offsets, mask=mask, other=0).to(acc_ty)
+        if GRAD:
+            b = tl.load(b_ptr + offsets, mask=mask, other=0).to(acc_ty)
+            first += a * b
+            if SECOND:
+                second += tl.where(mask & (b == ref), 1.0, 0.0).to(acc_ty)
+        else:
+            first += a
+            if SECOND:
+                second = tl.maximum(second, tl.where(mask, a, float("-inf")))
+
+    out = split * N * C + n * C + c
+    tl.store(first_ptr + out, tl.sum(first, axis=1), mask=c_mask)
+    if SECOND:
+        if GRAD:
+            tl.store(second_ptr + out, tl.sum(second, axis=1), mask=c_mask)
+        else:
+            tl.store(second_ptr + out, tl.max(second, axis=1), mask=c_mask)
+
+
+def _reduce(a, b, xmax, grad: bool, second: bool):
+    N, C, H, W = a.shape
+    HW = H * W
+    acc = acc_dtype(a.dtype)
+    block_c, block_hw = _tile(a)
+    tiles = N * triton.cdiv(C, block_c)
+    want = triton.cdiv(TARGET_PROGRAMS_PER_SM * _sm_count(a), tiles)
+    splits = max(1, min(want, triton.cdiv(HW, block_hw)))
+    per_split = triton.cdiv(triton.cdiv(HW, splits), block_hw) * block_hw
+    splits = triton.cdiv(HW, per_split)
+    first = torch.empty((splits, N, C), dtype=acc, device=a.device)
+    second_out = torch.empty((splits, N, C) if second else (0,), dtype=acc, device=a.device)
+    with _device_guard(a):
+        _reduce_kernel[(tiles, splits)](
+            a, b if grad else a, xmax if (grad and second) else first, first, second_out if second else first,
+            N, C, HW, *_strides(a), per_split,
+            GRAD=grad, SECOND=second, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        )
+    if splits == 1:
+        return first[0], second_out[0] if second else second_out
+    if second:
+        second_out = second_out.sum(0) if grad else second_out.amax(0)
+    return first.sum(0), second_out
+
+
+def channel_pool(x: torch.Tensor, with_max: bool):
+    _check("channel_pool", "x", x)
+    N, C = x.shape[:2]
+    acc = acc_dtype(x.dtype)
+    if x.numel() == 0:
+        return x.new_zeros((N, C), dtype=acc), x.new_zeros((N, C) if with_max else (0,), dtype=acc)
+    total, xmax = _reduce(x, None, None, grad=False, second=with_max)
+    return total / (x.shape[2] * x.shape[3]), xmax
+
+
+def channel_grad_reduce(dy: torch.Tensor, x: torch.Tensor, xmax=None):
+    _check("channel_grad_reduce", "x", x)
+    _check("channel_grad_reduce", "dy", dy, like=x)
+    N, C = x.shape[:2]
+    acc = acc_dtype(x.dtype)
+    if x.numel() == 0:
+        return x.new_zeros((N, C), dtype=acc), x.new_zeros((N, C) if xmax is not None else (0,), dtype=acc)
+    return _reduce(dy, x, xmax, grad=True, second=xmax is not None)
+
+
+@triton.jit
+def _gate_apply_kernel(
+    a_ptr, gate_ptr, bias_ptr, x_ptr, xmax_ptr, tie_ptr, out_ptr,
+    C, HW, stride_n, stride_c, stride_hw,
+    HAS_BIAS: tl.constexpr, HAS_TIES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    # One program per (n, channel tile, H*W tile); the per-(n, c) values are loaded once per tile.
+    pid = tl.program_id(0).to(tl.int64)
+    hw_tiles = tl.cdiv(HW, BLOCK_HW)
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    hw_tile = pid % hw_tiles
+    c_tile = (pid // hw_tiles) % c_tiles
+    n = pid // (hw_tiles * c_tiles)
+    c = c_tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = hw_tile * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    c_mask = c < C
+    mask = c_mask[:, None] & (hw < HW)[None, :]
+    offsets = n * stride_n + c[:, None] * stride_c + hw[None, :] * stride_hw
+    stat = n * C + c
+    acc_ty = gate_ptr.dtype.element_ty
+
+    a = tl.load(a_ptr + offsets, mask=mask, other=0).to(acc_ty)
+    out = a * tl.load(gate_ptr + stat, mask=c_mask, other=0)[:, None]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + stat, mask=c_mask, other=0)[:, None]
+    if HAS_TIES:
+        x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_ty)
+        xmax = tl.load(xmax_ptr + stat, mask=c_mask, other=0)[:, None]
+        tie = tl.load(tie_ptr + stat, mask=c_mask, other=0)[:, None]
+        out += tl.where(x == xmax, tie, 0.0)
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def channel_gate_apply(a, gate, bias=None, x=None, xmax=None, tie_coef=None):
+    op = "channel_gate_apply"
+    _check(op, "a", a)
+    ties = xmax is not None
+    if ties != (tie_coef is not None) or ties != (x is not None):
+        raise ValueError(f"{op}(): arguments 'x', 'xmax' and 'tie_coef' must be given together or not at all")
+    if ties and bias is None:
+        raise ValueError(f"{op}(): argument 'bias' is required when 'xmax' is given")
+    if ties:
+        _check(op, "x", x, like=a)
+    N, C, H, W = a.shape
+    acc = acc_dtype(a.dtype)
+    for name, stat in (("gate", gate), ("bias", bias), ("xmax", xmax), ("tie_coef", tie_coef)):
+        if stat is not None and (stat.shape != (N, C) or stat.dtype != acc or not stat.is_contiguous()
+                                 or stat.device != a.device):
+            raise ValueError(
+                f"{op}(): argument '{name}' must be a contiguous {acc} tensor of shape ({N}, {C}) on {a.device}, "
+                f"got {tuple(stat.shape)} {stat.dtype} on {stat.device}"
+            )
+    out = torch.empty_like(a)
+    if a.numel() == 0:
+        return out
+    HW = H * W
+    block_c, block_hw = _tile(a)
+    grid = (N * triton.cdiv(C, block_c) * triton.cdiv(HW, block_hw),)
+    with _device_guard(a):
+        _gate_apply_kernel[grid](
+            a, gate, bias if bias is not None else gate, x if ties else a, xmax if ties else gate,
+            tie_coef if ties else gate, out, C, HW, *_strides(a),
+            HAS_BIAS=bias is not None, HAS_TIES=ties, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        )
+    return out

@@ -1,0 +1,23 @@
+// Schemas of the compiled primitives. The CUDA implementations register themselves in the .cu
+// files; Python reaches them as torch.ops.attn_kernels_cuda.<name>.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import attn_kernels._C` loads this library, which runs the registrations below.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(attn_kernels_cuda, m) {
+  // Mean (and max, when with_max) of x over H*W per (n, c), in float32 (float64 for float64 x).
+  m.def("channel_pool(Tensor x, bool with_max) -> (Tensor mean, Tensor max)");
+  // Sum over H*W of dy*x per (n, c), and how many elements of x equal xmax[n, c] when given.
+  m.def("channel_grad_reduce(Tensor dy, Tensor x, Tensor? xmax) -> (Tensor dot, Tensor ties)");
+  // a*gate[n, c] + bias[n, c] + (x == xmax[n, c]) * tie_coef[n, c], in a's dtype and layout.
+  m.def(
+      "channel_gate_apply(Tensor a, Tensor gate, Tensor? bias, Tensor? x, Tensor? xmax, "
+      "Tensor? tie_coef) -> Tensor");
+}
