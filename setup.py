@@ -36,8 +36,9 @@ def cuda_extension_or_reason():
     else:
         if torch.version.cuda is None:
             reason = f"torch {torch.__version__} is a CPU build; the extension needs a CUDA build of torch"
-        elif CUDA_HOME is None:
-            reason = "no CUDA toolkit found (nvcc); set CUDA_HOME to the folder holding bin/nvcc"
+        elif CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+            reason = (f"no CUDA toolkit found (CUDA_HOME={CUDA_HOME}); "
+                      "set CUDA_HOME to the folder holding bin/nvcc and include/cuda_runtime.h")
         else:
             reason = None
     if reason:

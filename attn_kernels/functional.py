@@ -62,6 +62,8 @@ def _check_se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
             f"{tuple(fc1_weight.shape) if isinstance(fc1_weight, Tensor) else type(fc1_weight).__name__}"
         )
     channels, rd_channels = x.shape[1], fc1_weight.shape[0]
+    if fc1_weight.shape[1] != channels:
+        raise ValueError(f"x has {channels} channels but fc1_weight expects {fc1_weight.shape[1]}")
     _check_tensor("fc1_weight", fc1_weight, (rd_channels, channels, 1, 1), x)
     _check_tensor("fc1_bias", fc1_bias, (rd_channels,), x, optional=True)
     _check_tensor("fc2_weight", fc2_weight, (channels, rd_channels, 1, 1), x)

@@ -35,7 +35,11 @@ def _check(op: str, name: str, t: torch.Tensor, like: torch.Tensor = None):
         raise ValueError(f"{op}(): argument '{name}' must be contiguous NCHW or channels_last, got strides {t.stride()}")
     if t.numel() and t.shape[2] * t.shape[3] == 0:
         raise ValueError(f"{op}(): argument '{name}' must have H*W >= 1 to pool over, got shape {tuple(t.shape)}")
-    if like is not None and (t.shape != like.shape or t.dtype != like.dtype or t.stride() != like.stride()):
+    if like is None:
+        return
+    # Strides of size-1 dimensions never move an address, so only the others must agree.
+    same_order = t.numel() == 0 or all(a == b for a, b, size in zip(t.stride(), like.stride(), t.shape) if size > 1)
+    if t.shape != like.shape or t.dtype != like.dtype or not same_order:
         raise ValueError(
             f"{op}(): argument '{name}' must match the activation in shape, dtype and strides; got "
             f"{tuple(t.shape)} {t.dtype} {t.stride()} vs {tuple(like.shape)} {like.dtype} {like.stride()}"

@@ -1,0 +1,88 @@
+"""Inputs, module pairs and comparisons shared by the block tests."""
+import copy
+
+import pytest
+import torch
+
+import attn_kernels
+
+timm_layers = pytest.importorskip("timm.layers")
+
+# Per-dtype floor of the allowed error, in units of the reference's magnitude: lets a comparison
+# pass where PyTorch's own error happens to be ~0 (e.g. exactly representable results).
+EPS = {torch.float64: 1e-13, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make_x(shape, dtype=torch.float32, device="cpu", layout="nchw", kind="normal", seed=0):
+    """An activation of `shape` in the given layout. kinds with ties in the max: 'relu' (post-ReLU
+    zeros), 'quantized' (few distinct values), 'zero_planes' (whole (n, c) planes of zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if kind == "relu":
+        x = x.clamp_min(0)
+    elif kind == "quantized":
+        x = (x * 2).round() / 2
+    elif kind == "zero_planes":
+        x[:, ::2] = 0
+    x = x.to(dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def assert_close_to_reference(name, out, eager, reference):
+    """`out` (kernel at a low precision) must be within twice the error of PyTorch's own `eager`
+    computation at that precision, both measured against a float64 `reference`."""
+    assert out.dtype == eager.dtype, f"{name}: dtype {out.dtype} != {eager.dtype}"
+    assert not torch.isnan(out).any(), f"{name}: NaN in output"
+    ref = reference.double()
+    err = (out.double() - ref).abs().max().item() if out.numel() else 0.0
+    eager_err = (eager.double() - ref).abs().max().item() if out.numel() else 0.0
+    floor = EPS[out.dtype] * max(1.0, ref.abs().max().item() if out.numel() else 0.0)
+    assert err <= 2 * eager_err + floor, f"{name}: error {err:.3g} > 2 x eager error {eager_err:.3g} + {floor:.3g}"
+
+
+def make_pair(channels, dtype=torch.float32, device="cpu", seed=0, **kwargs):
+    """timm's SEModule and a FusedSE holding the same (random, non-trivial) parameters."""
+    torch.manual_seed(seed)
+    eager = timm_layers.SEModule(channels, **kwargs).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.normal_(0, 0.5)
+    fused = attn_kernels.FusedSE(channels, **kwargs).to(device=device, dtype=dtype)
+    fused.load_state_dict(eager.state_dict(), strict=True)
+    return eager, fused
+
+
+def run(module, x, dy, backend=None):
+    """(y, x.grad, parameter grads) of one forward and backward."""
+    x = x.detach().clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    if backend is None:
+        y = module(x)
+    else:
+        with attn_kernels.use_backend(backend):
+            y = module(x)
+    y.backward(dy)
+    return y.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+def check_kernel_against_reference(backend, x, kwargs):
+    """Kernel output and gradients vs a float64 reference, within twice eager PyTorch's error."""
+    channels = x.shape[1]
+    eager, fused = make_pair(channels, x.dtype, x.device, **kwargs)
+    eager64 = copy.deepcopy(eager).double()  # the same (rounded) parameters, computed in float64
+    dy = make_x(tuple(x.shape), x.dtype, x.device, seed=1)
+    if not x.is_contiguous():
+        dy = dy.contiguous(memory_format=torch.channels_last)
+    y_ref, dx_ref, g_ref = run(eager64, x.double(), dy.double())
+    y_e, dx_e, g_e = run(eager, x, dy)
+    y_k, dx_k, g_k = run(fused, x, dy, backend)
+    with attn_kernels.use_backend(backend):
+        assert fused.dispatch(x).backend == backend
+    assert_close_to_reference("y", y_k, y_e, y_ref)
+    assert_close_to_reference("dx", dx_k, dx_e, dx_ref)
+    for name in g_ref:
+        assert_close_to_reference(name, g_k[name], g_e[name], g_ref[name])
+    # Outputs keep x's memory format: no hidden copy into another layout.
+    assert y_k.stride() == x.stride() and dx_k.stride() == x.stride()

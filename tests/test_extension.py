@@ -1,0 +1,41 @@
+"""The compiled CUDA extension: built, linked, importable, its schemas registered.
+
+CI (no GPU) builds it with ATTN_KERNELS_BUILD_CUDA=1, where a missing extension is a failure;
+elsewhere a missing extension skips these tests with the reason the package gives.
+"""
+import os
+
+import pytest
+import torch
+
+from attn_kernels import backends
+
+
+@pytest.fixture(scope="module")
+def extension():
+    why = backends.cuda_extension_error()
+    if why is not None:
+        if os.environ.get("ATTN_KERNELS_BUILD_CUDA") == "1":
+            pytest.fail(f"ATTN_KERNELS_BUILD_CUDA=1 but {why}")
+        pytest.skip(why)
+    from attn_kernels import _C
+
+    return _C
+
+
+def test_schemas_registered(extension):
+    ns = torch.ops.attn_kernels_cuda
+    assert str(ns.channel_pool.default._schema) == "attn_kernels_cuda::channel_pool(Tensor x, bool with_max) -> (Tensor mean, Tensor max)"
+    assert "Tensor? xmax" in str(ns.channel_grad_reduce.default._schema)
+    assert "Tensor? tie_coef" in str(ns.channel_gate_apply.default._schema)
+
+
+def test_build_info_records_architectures(extension):
+    info = backends.cuda_build_info()
+    assert info.get("cuda_arch_list"), info
+    assert info["torch"].split("+")[0] == torch.__version__.split("+")[0]
+
+
+def test_cpu_tensor_is_refused(extension):
+    with pytest.raises(NotImplementedError, match="attn_kernels_cuda::channel_pool"):
+        torch.ops.attn_kernels_cuda.channel_pool(torch.ones(1, 1, 2, 2), False)

@@ -1,0 +1,78 @@
+"""Both kernel backends on a CUDA GPU at real shapes: every dtype and layout against the float64
+reference with outputs poisoned, determinism, memory saved for backward, 64-bit indexing.
+Skipped (never passed) where there is no GPU."""
+import pytest
+import torch
+
+import attn_kernels
+from attn_kernels.ops.channel_gate import primitives
+from helpers import check_kernel_against_reference, make_pair, make_x, run
+
+pytestmark = pytest.mark.gpu
+
+BACKENDS = ["cuda", "triton"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+LAYOUTS = ["nchw", "channels_last"]
+# ResNet-50 stages at batch 8, an EfficientNet-like SE site, and odd sizes.
+SHAPES = [(8, 256, 56, 56), (8, 512, 28, 28), (8, 1024, 14, 14), (8, 2048, 7, 7), (16, 96, 1, 1), (3, 100, 17, 23)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("add_maxpool", [False, True], ids=["mean", "mean+max"])
+def test_matches_reference(backend, dtype, layout, shape, add_maxpool, poisoned):
+    x = make_x(shape, dtype, "cuda", layout, kind="relu" if add_maxpool else "normal")
+    check_kernel_against_reference(backend, x, {"add_maxpool": add_maxpool})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bitwise_deterministic(backend, layout, poisoned):
+    x = make_x((8, 512, 28, 28), torch.bfloat16, "cuda", layout, kind="quantized")
+    dy = make_x((8, 512, 28, 28), torch.bfloat16, "cuda", layout, seed=1)
+    _, fused = make_pair(512, torch.bfloat16, "cuda", add_maxpool=True)
+    first, second = run(fused, x, dy, backend), run(fused, x, dy, backend)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert all(torch.equal(first[2][k], second[2][k]) for k in first[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_keeps_no_activation_sized_intermediate(backend):
+    """After forward, the graph holds y (the output) plus O(N*C): timm's eager SE holds more."""
+    x = make_x((32, 256, 56, 56), torch.bfloat16, "cuda", "channels_last").requires_grad_()
+    _, fused = make_pair(256, torch.bfloat16, "cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with attn_kernels.use_backend(backend):
+        y = fused(x)
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - before
+    x_bytes = x.numel() * x.element_size()
+    assert held <= x_bytes + 1024 * 1024, f"{held} bytes held for a {x_bytes}-byte output"
+    del y
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_more_than_2_to_the_31_elements(backend, layout):
+    shape = (2, 64, 4096, 4100)  # 2,149,580,800 elements: offsets past 2^31 need 64-bit indexing
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs 24 GiB of GPU memory")
+    why = attn_kernels.backends.unavailable_reason(backend, torch.empty(1, 1, 1, 1, device="cuda"))
+    if why:
+        pytest.skip(why)
+    ops = primitives(backend)
+    x = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.uniform_(-1, 1)
+    x[-1, -1].fill_(0.5)  # the last plane, past 2^31, holds a known value and max
+    mean, xmax = ops.channel_pool(x, True)
+    torch.testing.assert_close(mean, x.mean((2, 3), dtype=torch.float32), rtol=1e-4, atol=1e-5)
+    assert abs(mean[-1, -1].item() - 0.5) < 1e-6 and xmax[-1, -1].item() == 0.5
+    gate = torch.full((2, 64), 2.0, device="cuda")
+    y = ops.channel_gate_apply(x, gate, None, None, None, None)
+    assert torch.equal(y[-1, -1], torch.full_like(y[-1, -1], 1.0))
+    assert torch.equal(y[0, 0], x[0, 0] * 2)
