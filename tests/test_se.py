@@ -10,7 +10,7 @@ from torch import nn
 import attn_kernels
 from attn_kernels import functional as F
 from attn_kernels.ops.se import se_backward, se_forward
-from helpers import check_kernel_against_reference, make_pair, make_x, run
+from helpers import check_kernel_against_reference, make_pair, make_x, run, timm_layers
 
 # (description, shape, SE constructor kwargs, x kind): small shapes for the interpreter.
 SAMPLES = [

@@ -11,6 +11,8 @@ read where they lie; Triton specializes the unit stride, which makes either layo
 Reductions are split over H*W into a fixed number of chunks whose partial results are summed in a
 fixed order: no atomics, bitwise reproducible.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -60,7 +62,8 @@ def _tile(t: torch.Tensor):
 
 
 def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else torch.device("cpu")
+    """Triton launches on the current CUDA device: make it t's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _sm_count(t: torch.Tensor) -> int:
