@@ -335,7 +335,8 @@ at::Tensor channel_gate_apply(const at::Tensor& a, const at::Tensor& gate,
   }
   AK_CHECK(!ties || bias.has_value(), op, "argument 'bias' is required when 'xmax' is given");
   const c10::cuda::CUDAGuard guard(a.device());
-  at::Tensor out = at::empty_like(a, memory_format_of(layout));
+  // Same strides as a (also in size-1 dimensions), as the op's fake implementation promises.
+  at::Tensor out = at::empty_like(a);
   if (a.numel() == 0) return out;
   if (ties) {
     launch_gate_apply<true, true>(a, gate, &*bias, &*x, &*xmax, &*tie_coef, out, layout);

@@ -51,10 +51,6 @@ inline Layout layout_of(const char* op, const at::Tensor& t, const char* name) {
   return Layout::kNCHW;
 }
 
-inline at::MemoryFormat memory_format_of(Layout layout) {
-  return layout == Layout::kNHWC ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
-
 inline int num_sms() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
