@@ -13,7 +13,6 @@ ATTN_KERNELS_BACKEND. An input the chosen backend cannot take goes to the next o
 import contextlib
 import importlib.util
 import json
-import logging
 import os
 from typing import Dict, NamedTuple, Optional
 
@@ -25,9 +24,6 @@ BACKENDS = ("auto", "cuda", "triton", "reference")
 KERNEL_BACKENDS = ("cuda", "triton")  # the order 'auto' tries them in
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ENV_VAR = "ATTN_KERNELS_BACKEND"
-
-logger = logging.getLogger("attn_kernels")
-
 
 def _validated(name, source: str) -> str:
     if name not in BACKENDS:
@@ -182,6 +178,4 @@ def dispatch(x: torch.Tensor, block_reason: Optional[str] = None) -> Dispatch:
             chosen = backend
             break
         passed_over[backend] = why
-    if requested not in ("auto", chosen):
-        logger.debug("backend %r passed over for %s: %s", requested, chosen, passed_over[requested])
     return Dispatch(chosen, passed_over)

@@ -70,10 +70,8 @@ def _check_se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
     _check_tensor("fc2_bias", fc2_bias, (channels,), x, optional=True)
 
 
-def se_dispatch(
-    x: Tensor, *, act: Act = "relu", gate: Act = "sigmoid", norm: Optional[Callable[[Tensor], Tensor]] = None
-) -> Dispatch:
-    """Which backend `se` would run on x with this configuration, and why others were passed over."""
+def _se_plan(x, act, gate, norm):
+    """(dispatch, act kernel name, gate kernel name) for se() on x with this configuration."""
     act_name, gate_name = _kernel_name(act, "act"), _kernel_name(gate, "gate")
     reason = None
     if norm is not None:
@@ -82,7 +80,14 @@ def se_dispatch(
         reason = f"act {act!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
     elif gate_name is None:
         reason = f"gate {gate!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
-    return dispatch(x, reason)
+    return dispatch(x, reason), act_name, gate_name
+
+
+def se_dispatch(
+    x: Tensor, *, act: Act = "relu", gate: Act = "sigmoid", norm: Optional[Callable[[Tensor], Tensor]] = None
+) -> Dispatch:
+    """Which backend `se` would run on x with this configuration, and why others were passed over."""
+    return _se_plan(x, act, gate, norm)[0]
 
 
 def se(
@@ -104,10 +109,11 @@ def se(
     (another callable, a `norm`) runs through the reference.
     """
     _check_se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    backend = se_dispatch(x, act=act, gate=gate, norm=norm).backend
-    if backend == "reference":
+    choice, act_name, gate_name = _se_plan(x, act, gate, norm)
+    if choice.backend == "reference":
         return reference.se(
             x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, add_maxpool=add_maxpool, act=act, gate=gate, norm=norm
         )
-    act_name, gate_name = _kernel_name(act, "act"), _kernel_name(gate, "gate")
-    return se_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bool(add_maxpool), act_name, gate_name, backend)[0]
+    return se_forward(
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bool(add_maxpool), act_name, gate_name, choice.backend
+    )[0]

@@ -30,7 +30,7 @@ if [ -n "${CUDA_HOME:-}" ]; then
 else
     echo "no nvcc found: installing without the CUDA extension (its tests will be skipped)"
 fi
-python -m pip install --no-build-isolation --no-deps -q -e .
+python -m pip install --no-build-isolation --no-deps -v -e .  # -v: the build's steps as they run
 python -m attn_kernels.info
 
 step "tests"
