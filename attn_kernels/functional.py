@@ -11,11 +11,11 @@ from torch import Tensor, nn
 from . import reference
 from .activations import ACTIVATIONS, kernel_activation_name
 from .backends import Dispatch, dispatch
-from .ops.se import se_forward
+from .ops.channel_gate import channel_gate_forward
 
 Act = Union[str, Callable[[Tensor], Tensor]]
 
-__all__ = ["se", "se_dispatch"]
+__all__ = ["channel_attn", "gate_dispatch", "se"]
 
 
 def _kernel_name(act: Act, argument: str) -> Optional[str]:
@@ -54,24 +54,27 @@ def _check_activation_input(x: Tensor):
         raise ValueError(f"x must have H*W >= 1 to pool over, got shape {tuple(x.shape)}")
 
 
-def _check_se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+
+def _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+    """x and the weights of a channel MLP: 1x1-conv (R, C, 1, 1) or linear (R, C) weights."""
     _check_activation_input(x)
-    if not isinstance(fc1_weight, Tensor) or fc1_weight.dim() != 4:
+    if not isinstance(fc1_weight, Tensor) or fc1_weight.dim() not in (2, 4):
         raise ValueError(
-            "fc1_weight must be a 4-D (rd_channels, channels, 1, 1) tensor, got "
+            "fc1_weight must be a (rd_channels, channels, 1, 1) or (rd_channels, channels) tensor, got "
             f"{tuple(fc1_weight.shape) if isinstance(fc1_weight, Tensor) else type(fc1_weight).__name__}"
         )
     channels, rd_channels = x.shape[1], fc1_weight.shape[0]
     if fc1_weight.shape[1] != channels:
         raise ValueError(f"x has {channels} channels but fc1_weight expects {fc1_weight.shape[1]}")
-    _check_tensor("fc1_weight", fc1_weight, (rd_channels, channels, 1, 1), x)
+    tail = (1, 1) if fc1_weight.dim() == 4 else ()
+    _check_tensor("fc1_weight", fc1_weight, (rd_channels, channels, *tail), x)
     _check_tensor("fc1_bias", fc1_bias, (rd_channels,), x, optional=True)
-    _check_tensor("fc2_weight", fc2_weight, (channels, rd_channels, 1, 1), x)
+    _check_tensor("fc2_weight", fc2_weight, (channels, rd_channels, *tail), x)
     _check_tensor("fc2_bias", fc2_bias, (channels,), x, optional=True)
 
 
-def _se_plan(x, act, gate, norm):
-    """(dispatch, act kernel name, gate kernel name) for se() on x with this configuration."""
+def _gate_plan(x, act, gate, norm=None):
+    """(dispatch, act kernel name, gate kernel name) for a gated block on x with this configuration."""
     act_name, gate_name = _kernel_name(act, "act"), _kernel_name(gate, "gate")
     reason = None
     if norm is not None:
@@ -83,11 +86,12 @@ def _se_plan(x, act, gate, norm):
     return dispatch(x, reason), act_name, gate_name
 
 
-def se_dispatch(
+def gate_dispatch(
     x: Tensor, *, act: Act = "relu", gate: Act = "sigmoid", norm: Optional[Callable[[Tensor], Tensor]] = None
 ) -> Dispatch:
-    """Which backend `se` would run on x with this configuration, and why others were passed over."""
-    return _se_plan(x, act, gate, norm)[0]
+    """Which backend a gated block (se, channel_attn) runs on x with this act, gate and norm, and
+    why the backends before it were passed over."""
+    return _gate_plan(x, act, gate, norm)[0]
 
 
 def se(
@@ -108,12 +112,34 @@ def se(
     `gate` are names from attn_kernels.activations.ACTIVATIONS or modules; anything the kernels lack
     (another callable, a `norm`) runs through the reference.
     """
-    _check_se(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    choice, act_name, gate_name = _se_plan(x, act, gate, norm)
+    _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    choice, act_name, gate_name = _gate_plan(x, act, gate, norm)
     if choice.backend == "reference":
         return reference.se(
             x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, add_maxpool=add_maxpool, act=act, gate=gate, norm=norm
         )
-    return se_forward(
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, bool(add_maxpool), act_name, gate_name, choice.backend
+    pool = "mix" if add_maxpool else "avg"
+    return channel_gate_forward(
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, act_name, gate_name, choice.backend
+    )[0]
+
+
+def channel_attn(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    *,
+    act: Act = "relu",
+    gate: Act = "sigmoid",
+) -> Tensor:
+    """CBAM's channel attention, as timm's ChannelAttn: x * gate(mlp(mean_hw(x)) + mlp(max_hw(x)))
+    with mlp(p) = fc2(act(fc1(p))) shared by both branches. Weights as in `se`."""
+    _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    choice, act_name, gate_name = _gate_plan(x, act, gate)
+    if choice.backend == "reference":
+        return reference.channel_attn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act=act, gate=gate)
+    return channel_gate_forward(
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, "avg+max", act_name, gate_name, choice.backend
     )[0]

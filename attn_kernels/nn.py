@@ -7,7 +7,7 @@ from . import functional as F
 from .activations import create_act_layer
 from .backends import Dispatch
 
-__all__ = ["FusedSE", "make_divisible"]
+__all__ = ["FusedChannelAttn", "FusedSE", "make_divisible"]
 
 
 def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
@@ -65,7 +65,45 @@ class FusedSE(nn.Module):
 
     def dispatch(self, x: Tensor) -> Dispatch:
         """The backend forward(x) runs on, and why each backend before it was passed over."""
-        return F.se_dispatch(x, act=self.act, gate=self.gate, norm=self._norm())
+        return F.gate_dispatch(x, act=self.act, gate=self.gate, norm=self._norm())
 
     def extra_repr(self) -> str:
         return f"channels={self.fc1.in_channels}, rd_channels={self.fc1.out_channels}, add_maxpool={self.add_maxpool}"
+
+
+class FusedChannelAttn(nn.Module):
+    """CBAM's channel attention, a drop-in for timm.layers.cbam.ChannelAttn (same arguments and
+    state_dict): y = x * gate(mlp(mean_hw(x)) + mlp(max_hw(x))), mlp = fc2(act(fc1(.)))."""
+
+    def __init__(
+        self,
+        channels: int,
+        rd_ratio: float = 1.0 / 16,
+        rd_channels: Optional[int] = None,
+        rd_divisor: int = 1,
+        act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
+        gate_layer: Union[str, Type[nn.Module]] = "sigmoid",
+        mlp_bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        if not rd_channels:
+            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias, **dd)
+        self.act = create_act_layer(act_layer, inplace=True, argument="act_layer")
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, **dd)
+        self.gate = create_act_layer(gate_layer, argument="gate_layer")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.channel_attn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, act=self.act, gate=self.gate)
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        return F.gate_dispatch(x, act=self.act, gate=self.gate)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.fc1.in_channels}, rd_channels={self.fc1.out_channels}"

@@ -39,3 +39,24 @@ def se(
     x_se = _as_callable(act)(x_se)
     x_se = F.conv2d(x_se, fc2_weight, fc2_bias)
     return x * _as_callable(gate)(x_se)
+
+
+def channel_attn(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    *,
+    act: Act = "relu",
+    gate: Act = "sigmoid",
+) -> torch.Tensor:
+    """timm.layers.cbam.ChannelAttn.forward: x * gate(mlp(mean_hw(x)) + mlp(max_hw(x)))."""
+    act_fn = _as_callable(act)
+
+    def mlp(p):
+        return F.conv2d(act_fn(F.conv2d(p, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+
+    x_avg = mlp(x.mean((2, 3), keepdim=True))
+    x_max = mlp(x.amax((2, 3), keepdim=True))
+    return x * _as_callable(gate)(x_avg + x_max)

@@ -9,7 +9,7 @@ from torch import nn
 
 import attn_kernels
 from attn_kernels import functional as F
-from attn_kernels.ops.se import se_backward, se_forward
+from attn_kernels.ops.channel_gate import channel_gate_backward, channel_gate_forward
 from helpers import check_kernel_against_reference, make_pair, make_x, run, timm_layers
 
 # (description, shape, SE constructor kwargs, x kind): small shapes for the interpreter.
@@ -125,31 +125,31 @@ def test_gradcheck_float64(add_maxpool, layout):
 
     for backend in ["triton"] + (["cuda"] if torch.cuda.is_available() else []):
         with attn_kernels.use_backend(backend):
-            assert F.se_dispatch(x, act="silu").backend == backend
+            assert F.gate_dispatch(x, act="silu").backend == backend
             assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
 
 
-def op_args(backend="triton", add_maxpool=True, device="cpu"):
+def op_args(backend="triton", pool="mix", device="cpu"):
     x = make_x((2, 8, 3, 5), device=device, kind="quantized")
     torch.manual_seed(0)
     w1, b1 = torch.randn(4, 8, 1, 1, device=device), torch.randn(4, device=device)
     w2, b2 = torch.randn(8, 4, 1, 1, device=device), torch.randn(8, device=device)
-    return x, w1, b1, w2, b2, add_maxpool, "relu", "sigmoid", backend
+    return x, w1, b1, w2, b2, pool, "relu", "sigmoid", backend
 
 
-@pytest.mark.parametrize("add_maxpool", [False, True])
-def test_opcheck(add_maxpool):
+@pytest.mark.parametrize("pool", ["avg", "mix", "avg+max", "max"])
+def test_opcheck(pool):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backends = ["triton"] + (["cuda"] if torch.cuda.is_available() else [])
     for backend in backends:
-        args = op_args(backend, add_maxpool, device)
+        args = op_args(backend, pool, device)
         x, w1, b1, w2, b2 = [a.requires_grad_() for a in args[:5]]
-        torch.library.opcheck(se_forward, (x, w1, b1, w2, b2, *args[5:]))
+        torch.library.opcheck(channel_gate_forward, (x, w1, b1, w2, b2, *args[5:]))
         # The backward op has no derivative of its own (no double backward): detached inputs.
         tensors = [a.detach() for a in args[:5]]
-        _, mean, xmax = se_forward(*tensors, *args[5:])
+        _, mean, xmax = channel_gate_forward(*tensors, *args[5:])
         dy = torch.randn_like(args[0])
-        torch.library.opcheck(se_backward, (dy, *tensors, mean, xmax, *args[5:]))
+        torch.library.opcheck(channel_gate_backward, (dy, *tensors, mean, xmax, *args[5:]))
 
 
 def test_compile_fullgraph_has_no_graph_break():

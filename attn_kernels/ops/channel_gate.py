@@ -1,27 +1,125 @@
-"""The channel-gate primitives behind a backend name.
+"""Channel gating as torch.library ops: SE and CBAM's channel attention, their whole contract here.
 
-Both kernel backends implement the same three functions with the same signatures:
-  channel_pool(x, with_max) -> (mean, max)
-  channel_grad_reduce(dy, x, xmax) -> (dot, ties)
-  channel_gate_apply(a, gate, bias, x, xmax, tie_coef) -> out
-(csrc/channel_gate.cu and attn_kernels/triton/channel_gate.py say what they compute).
+    mean, max = pooled over H*W per (n, c)
+    g = gate(MLP(pooled))       per sample, on (N, C): see ops/mlp.py for the `pool` modes
+    y = x * g
+
+Forward:  channel_pool (reads x) -> MLP -> channel_gate_apply (reads x, writes y): 3|x|.
+Backward: channel_grad_reduce (reads dy, x) -> MLP backward -> channel_gate_apply (reads dy,
+          writes dx): 4|x|; 5|x| when the max is pooled, whose arg-max positions need x again.
+Saved for backward: x and the (N, C) statistics; the gate is recomputed from them.
 """
+from typing import Optional, Tuple
+
 import torch
+from torch import Tensor
+
+from .mlp import excite, excite_backward, uses_max
+from .primitives import acc_dtype, primitives
 
 
-def primitives(backend: str):
-    """The module-like object holding the three primitives of a kernel backend."""
-    if backend == "cuda":
-        from .. import _C  # noqa: F401  (registers torch.ops.attn_kernels_cuda)
+@torch.library.custom_op("attn_kernels::channel_gate_forward", mutates_args=())
+def channel_gate_forward(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    pool: str,
+    act: str,
+    gate: str,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (y, mean, max): the output and the (N, C) statistics backward needs (max is empty
+    when the pool does not use it)."""
+    ops = primitives(backend)
+    mean, xmax = ops.channel_pool(x, uses_max(pool))
+    g = excite(pool, mean, xmax, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate).gate
+    y = ops.channel_gate_apply(x, g, None, None, None, None)
+    return y, mean, xmax
 
-        return torch.ops.attn_kernels_cuda
-    if backend == "triton":
-        from ..triton import channel_gate
 
-        return channel_gate
-    raise ValueError(f"backend must be 'cuda' or 'triton' for a fused op, got {backend!r}")
+@channel_gate_forward.register_fake
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, act, gate, backend):
+    stats = (x.shape[0], x.shape[1])
+    acc = acc_dtype(x.dtype)
+    return torch.empty_like(x), x.new_empty(stats, dtype=acc), x.new_empty(stats if uses_max(pool) else (0,), dtype=acc)
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype statistics and the per-(n, c) math use: float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+@torch.library.custom_op("attn_kernels::channel_gate_backward", mutates_args=())
+def channel_gate_backward(
+    dy: Tensor,
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    mean: Tensor,
+    xmax: Tensor,
+    pool: str,
+    act: str,
+    gate: str,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias); bias gradients are
+    returned even for absent biases (the autograd formula drops them)."""
+    ops = primitives(backend)
+    weights = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    e = excite(pool, mean, xmax, *weights, act, gate)
+    with_max = uses_max(pool)
+    dot, ties = ops.channel_grad_reduce(dy, x, xmax if with_max else None)
+    dmean, dmax, *dweights = excite_backward(pool, e, dot, *weights, act, gate)
+    hw = x.shape[2] * x.shape[3]
+    bias = dmean / hw if dmean is not None else torch.zeros_like(dot)
+    if with_max:
+        # amax's gradient is shared equally by tied maxima.
+        dx = ops.channel_gate_apply(dy, e.gate, bias, x, xmax, dmax / ties)
+    else:
+        dx = ops.channel_gate_apply(dy, e.gate, bias, None, None, None)
+    return (dx, *dweights)
+
+
+@channel_gate_backward.register_fake
+def _(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax, pool, act, gate, backend):
+    return (
+        torch.empty_like(dy),
+        torch.empty_like(fc1_weight),
+        fc1_weight.new_empty(fc1_weight.shape[:1], dtype=fc1_bias.dtype if fc1_bias is not None else None),
+        torch.empty_like(fc2_weight),
+        fc2_weight.new_empty(fc2_weight.shape[:1], dtype=fc2_bias.dtype if fc2_bias is not None else None),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, act, gate, backend = inputs
+    _, mean, xmax = output
+    ctx.mark_non_differentiable(mean, xmax)
+    ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax)
+    ctx.config = (pool, act, gate, backend)
+
+
+def same_layout_as(t: Tensor, like: Tensor) -> Tensor:
+    """t in like's memory format: the kernels read a gradient and x in one memory order, and
+    autograd may hand the gradient in another."""
+    return t.contiguous(memory_format=torch.contiguous_format if like.is_contiguous() else torch.channels_last)
+
+
+def _backward(ctx, dy, _dmean, _dmax):
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2 = channel_gate_backward(
+        same_layout_as(dy, x), x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax, *ctx.config
+    )
+    return (
+        dx,
+        dw1,
+        db1 if fc1_bias is not None else None,
+        dw2,
+        db2 if fc2_bias is not None else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+channel_gate_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.channel_gate import acc_dtype
+from ..ops.primitives import acc_dtype
 
 # Programs a reduction grid aims for before it splits H*W; tests raise it to exercise splitting.
 TARGET_PROGRAMS_PER_SM = 4

@@ -1,0 +1,25 @@
+"""The activation-sized primitives behind a backend name.
+
+Both kernel backends implement the same functions with the same signatures: the compiled ones as
+torch.ops.attn_kernels_cuda.<name> (csrc/), the Triton ones in attn_kernels.triton. Each kernel
+file says what its primitives compute.
+"""
+import torch
+
+
+def primitives(backend: str):
+    """The module-like object holding the primitives of a kernel backend."""
+    if backend == "cuda":
+        from .. import _C  # noqa: F401  (registers torch.ops.attn_kernels_cuda)
+
+        return torch.ops.attn_kernels_cuda
+    if backend == "triton":
+        from .. import triton
+
+        return triton
+    raise ValueError(f"backend must be 'cuda' or 'triton' for a fused op, got {backend!r}")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics and the small per-(n, c) math use: float32, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
