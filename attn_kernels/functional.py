@@ -11,11 +11,12 @@ from torch import Tensor, nn
 from . import reference
 from .activations import ACTIVATIONS, kernel_activation_name
 from .backends import Dispatch, dispatch
+from .ops.cbam import cbam_forward
 from .ops.channel_gate import channel_gate_forward
 
 Act = Union[str, Callable[[Tensor], Tensor]]
 
-__all__ = ["channel_attn", "gate_dispatch", "se"]
+__all__ = ["cbam", "cbam_dispatch", "channel_attn", "gate_dispatch", "se"]
 
 
 def _kernel_name(act: Act, argument: str) -> Optional[str]:
@@ -143,3 +144,87 @@ def channel_attn(
     return channel_gate_forward(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, "avg+max", act_name, gate_name, choice.backend
     )[0]
+
+
+def _cbam_plan(x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, act, gate):
+    """(dispatch, act kernel name, gate kernel name) for cbam() on x with this configuration."""
+    _check_activation_input(x)
+    if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4 or conv_weight.shape[:2] != (1, 2) \
+            or conv_weight.shape[2] != conv_weight.shape[3] or conv_weight.shape[2] % 2 == 0:
+        raise ValueError(
+            "conv_weight must be a (1, 2, k, k) tensor with odd k, got "
+            f"{tuple(conv_weight.shape) if isinstance(conv_weight, Tensor) else type(conv_weight).__name__}"
+        )
+    _check_tensor("conv_weight", conv_weight, tuple(conv_weight.shape), x)
+    for name, t in (("bn_running_mean", bn_running_mean), ("bn_running_var", bn_running_var),
+                    ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        _check_tensor(name, t, (1,), x, optional=True)
+    act_name, gate_name = _kernel_name(act, "act"), _kernel_name(gate, "gate")
+    reason = None
+    if bn_weight is None or bn_bias is None:
+        reason = "a BatchNorm without affine weight and bias has no fused kernel"
+    elif not bn_training and (bn_running_mean is None or bn_running_var is None):
+        reason = "BatchNorm normalizes with batch statistics in eval (no running statistics): no fused kernel"
+    elif bn_training and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
+        reason = "BatchNorm in training needs more than one value per channel"
+    elif act_name is None:
+        reason = f"act {act!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+    elif gate_name is None:
+        reason = f"gate {gate!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+    return dispatch(x, reason), act_name, gate_name
+
+
+def cbam_dispatch(x: Tensor, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, *,
+                  bn_training: bool = False, act: Act = "relu", gate: Act = "sigmoid") -> Dispatch:
+    """Which backend cbam() runs on x with this configuration, and why others were passed over."""
+    return _cbam_plan(x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, act, gate)[0]
+
+
+def cbam(
+    x: Tensor,
+    fc1_weight: Optional[Tensor],
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Optional[Tensor],
+    fc2_bias: Optional[Tensor],
+    conv_weight: Tensor,
+    bn_running_mean: Optional[Tensor],
+    bn_running_var: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    *,
+    bn_training: bool = False,
+    bn_momentum: float = 0.1,
+    bn_eps: float = 1e-5,
+    act: Act = "relu",
+    gate: Act = "sigmoid",
+) -> Tensor:
+    """CBAM as timm's CbamModule: channel attention (see channel_attn) then spatial attention
+    u * gate(BN(conv_kxk([mean_c u, max_c u]))) on its output u. Without fc1_weight (and the other
+    MLP weights None), spatial attention alone, as timm's SpatialAttn.
+
+    conv_weight is (1, 2, k, k), the BN arguments are those of F.batch_norm, and in training the
+    running statistics are updated in place as F.batch_norm does (bn_momentum is its factor).
+    """
+    channel = fc1_weight is not None
+    if channel:
+        _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    choice, act_name, gate_name = _cbam_plan(
+        x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, act, gate
+    )
+    if choice.backend == "reference":
+        return reference.cbam(
+            x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_running_mean, bn_running_var,
+            bn_weight, bn_bias, bn_training=bn_training, bn_momentum=bn_momentum, bn_eps=bn_eps, act=act, gate=gate,
+        )
+    y, *_, bn_mean, bn_var = cbam_forward(
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias,
+        bn_running_mean, bn_running_var, bn_training, bn_eps, act_name, gate_name, choice.backend,
+    )
+    if bn_training and bn_running_mean is not None and bn_running_var is not None:
+        count = x.shape[0] * x.shape[2] * x.shape[3]
+        with torch.no_grad():  # as F.batch_norm: running variance with Bessel's correction
+            bn_running_mean.mul_(1 - bn_momentum).add_(bn_mean.to(bn_running_mean.dtype), alpha=bn_momentum)
+            bn_running_var.mul_(1 - bn_momentum).add_(
+                bn_var.to(bn_running_var.dtype) * (count / (count - 1)), alpha=bn_momentum
+            )
+    return y

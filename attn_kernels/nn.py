@@ -4,10 +4,10 @@ from typing import Optional, Type, Union
 from torch import Tensor, nn
 
 from . import functional as F
-from .activations import create_act_layer
+from .activations import create_act_layer, kernel_activation_name
 from .backends import Dispatch
 
-__all__ = ["FusedChannelAttn", "FusedSE", "make_divisible"]
+__all__ = ["FusedCBAM", "FusedChannelAttn", "FusedSE", "FusedSpatialAttn", "make_divisible"]
 
 
 def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
@@ -107,3 +107,106 @@ class FusedChannelAttn(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.fc1.in_channels}, rd_channels={self.fc1.out_channels}"
+
+
+class ConvBn(nn.Module):
+    """A bias-free k x k conv and a BatchNorm2d: the parameters and state_dict keys of timm's
+    ConvNormAct(in, out, k, apply_act=False) (conv.weight, bn.weight, bn.bias, bn.running_*)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False, **dd)
+        self.bn = nn.BatchNorm2d(out_channels, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(self.conv(x))
+
+
+def _batch_norm_tensors(bn: nn.BatchNorm2d) -> dict:
+    """The statistics and affine parameters F.batch_norm gets from nn.BatchNorm2d.forward."""
+    track = not bn.training or bn.track_running_stats
+    return {
+        "bn_running_mean": bn.running_mean if track else None,
+        "bn_running_var": bn.running_var if track else None,
+        "bn_weight": bn.weight,
+        "bn_bias": bn.bias,
+        "bn_training": bn.training or (bn.running_mean is None and bn.running_var is None),
+    }
+
+
+def _batch_norm_arguments(bn: nn.BatchNorm2d) -> dict:
+    """All of F.batch_norm's arguments for this batch, counting it as nn.BatchNorm2d.forward does."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return {**_batch_norm_tensors(bn), "bn_momentum": momentum, "bn_eps": bn.eps}
+
+
+class FusedSpatialAttn(nn.Module):
+    """CBAM's spatial attention, a drop-in for timm.layers.cbam.SpatialAttn (same arguments and
+    state_dict): y = x * gate(BN(conv_kxk([mean_c x, max_c x])))."""
+
+    def __init__(self, kernel_size: int = 7, gate_layer: Union[str, Type[nn.Module]] = "sigmoid", device=None, dtype=None):
+        super().__init__()
+        self.conv = ConvBn(2, 1, kernel_size, device=device, dtype=dtype)
+        self.gate = create_act_layer(gate_layer, argument="gate_layer")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.cbam(x, None, None, None, None, self.conv.conv.weight, **_batch_norm_arguments(self.conv.bn), gate=self.gate)
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        return F.cbam_dispatch(x, self.conv.conv.weight, **_batch_norm_tensors(self.conv.bn), gate=self.gate)
+
+
+class FusedCBAM(nn.Module):
+    """CBAM, a drop-in for timm.layers.cbam.CbamModule (same arguments and state_dict): channel
+    attention then spatial attention, computed by one fused op that never writes the channel-gated
+    activation to memory. Its parts are a FusedChannelAttn (.channel) and a FusedSpatialAttn (.spatial)."""
+
+    def __init__(
+        self,
+        channels: int,
+        rd_ratio: float = 1.0 / 16,
+        rd_channels: Optional[int] = None,
+        rd_divisor: int = 1,
+        spatial_kernel_size: int = 7,
+        act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
+        gate_layer: Union[str, Type[nn.Module]] = "sigmoid",
+        mlp_bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.channel = FusedChannelAttn(
+            channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor, act_layer=act_layer,
+            gate_layer=gate_layer, mlp_bias=mlp_bias, **dd,
+        )
+        self.spatial = FusedSpatialAttn(spatial_kernel_size, gate_layer=gate_layer, **dd)
+
+    def _fusable(self) -> bool:
+        # One op applies one gate formula to both attentions; different gates run the parts apart.
+        return kernel_activation_name(self.channel.gate) == kernel_activation_name(self.spatial.gate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fusable():
+            return self.spatial(self.channel(x))
+        ch = self.channel
+        return F.cbam(
+            x, ch.fc1.weight, ch.fc1.bias, ch.fc2.weight, ch.fc2.bias, self.spatial.conv.conv.weight,
+            **_batch_norm_arguments(self.spatial.conv.bn), act=ch.act, gate=ch.gate,
+        )
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        if not self._fusable():
+            return F.cbam_dispatch(x, self.spatial.conv.conv.weight, **_batch_norm_tensors(self.spatial.conv.bn),
+                                   gate=self.spatial.gate)
+        return F.cbam_dispatch(x, self.spatial.conv.conv.weight, **_batch_norm_tensors(self.spatial.conv.bn),
+                               act=self.channel.act, gate=self.channel.gate)

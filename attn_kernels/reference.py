@@ -60,3 +60,31 @@ def channel_attn(
     x_avg = mlp(x.mean((2, 3), keepdim=True))
     x_max = mlp(x.amax((2, 3), keepdim=True))
     return x * _as_callable(gate)(x_avg + x_max)
+
+
+def cbam(
+    x: torch.Tensor,
+    fc1_weight: Optional[torch.Tensor],
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: Optional[torch.Tensor],
+    fc2_bias: Optional[torch.Tensor],
+    conv_weight: torch.Tensor,
+    bn_running_mean: Optional[torch.Tensor],
+    bn_running_var: Optional[torch.Tensor],
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    *,
+    bn_training: bool = False,
+    bn_momentum: float = 0.1,
+    bn_eps: float = 1e-5,
+    act: Act = "relu",
+    gate: Act = "sigmoid",
+) -> torch.Tensor:
+    """timm.layers.cbam.CbamModule.forward (ChannelAttn then SpatialAttn); without fc1_weight,
+    SpatialAttn.forward alone. The BN updates its running statistics in training, as F.batch_norm."""
+    if fc1_weight is not None:
+        x = channel_attn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act=act, gate=gate)
+    x_attn = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+    x_attn = F.conv2d(x_attn, conv_weight, padding=conv_weight.shape[-1] // 2)
+    x_attn = F.batch_norm(x_attn, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, bn_momentum, bn_eps)
+    return x * _as_callable(gate)(x_attn)

@@ -24,13 +24,13 @@ TARGET_PROGRAMS_PER_SM = 4
 _TILE_ELEMENTS = 2048  # elements of x a program holds per loop step
 
 
-def _strides(t: torch.Tensor):
+def strides(t: torch.Tensor):
     """(stride_n, stride_c, stride_hw) of a 4-D tensor whose H and W fold into one dimension."""
     n, c, h, w = t.stride()
     return n, c, h if t.shape[3] == 1 else w
 
 
-def _check(op: str, name: str, t: torch.Tensor, like: torch.Tensor = None):
+def check_activation(op: str, name: str, t: torch.Tensor, like: torch.Tensor = None):
     if t.dim() != 4:
         raise ValueError(f"{op}(): argument '{name}' must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
     if not (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)):
@@ -48,7 +48,19 @@ def _check(op: str, name: str, t: torch.Tensor, like: torch.Tensor = None):
         )
 
 
-def _tile(t: torch.Tensor):
+def check_stats(op: str, a: torch.Tensor, shape: tuple, **stats):
+    """Per-(n, c) or per-(n, h*w) statistics: contiguous, in a's accumulator dtype, on a's device."""
+    acc = acc_dtype(a.dtype)
+    for name, stat in stats.items():
+        if stat is not None and (tuple(stat.shape) != shape or stat.dtype != acc or not stat.is_contiguous()
+                                 or stat.device != a.device):
+            raise ValueError(
+                f"{op}(): argument '{name}' must be a contiguous {acc} tensor of shape {shape} on {a.device}, "
+                f"got {tuple(stat.shape)} {stat.dtype} on {stat.device}"
+            )
+
+
+def tile_shape(t: torch.Tensor):
     """(BLOCK_C, BLOCK_HW): long along whichever of C and H*W is contiguous in memory."""
     C, HW = t.shape[1], t.shape[2] * t.shape[3]
     channels_last = not t.is_contiguous()
@@ -61,7 +73,7 @@ def _tile(t: torch.Tensor):
     return block_c, block_hw
 
 
-def _device_guard(t: torch.Tensor):
+def device_guard(t: torch.Tensor):
     """Triton launches on the current CUDA device: make it t's."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
@@ -120,22 +132,30 @@ def _reduce_kernel(
             tl.store(second_ptr + out, tl.max(second, axis=1), mask=c_mask)
 
 
-def _reduce(a, b, xmax, grad: bool, second: bool):
+def split_hw(a: torch.Tensor, block_c: int, block_hw: int):
+    """(tiles, splits, hw_per_split) of a reduction over H*W with one program per (n, channel tile,
+    split): H*W is split until the grid fills the GPU, in chunks of whole BLOCK_HW tiles."""
     N, C, H, W = a.shape
     HW = H * W
-    acc = acc_dtype(a.dtype)
-    block_c, block_hw = _tile(a)
     tiles = N * triton.cdiv(C, block_c)
     want = triton.cdiv(TARGET_PROGRAMS_PER_SM * _sm_count(a), tiles)
     splits = max(1, min(want, triton.cdiv(HW, block_hw)))
     per_split = triton.cdiv(triton.cdiv(HW, splits), block_hw) * block_hw
-    splits = triton.cdiv(HW, per_split)
+    return tiles, triton.cdiv(HW, per_split), per_split
+
+
+def _reduce(a, b, xmax, grad: bool, second: bool):
+    N, C, H, W = a.shape
+    HW = H * W
+    acc = acc_dtype(a.dtype)
+    block_c, block_hw = tile_shape(a)
+    tiles, splits, per_split = split_hw(a, block_c, block_hw)
     first = torch.empty((splits, N, C), dtype=acc, device=a.device)
     second_out = torch.empty((splits, N, C) if second else (0,), dtype=acc, device=a.device)
-    with _device_guard(a):
+    with device_guard(a):
         _reduce_kernel[(tiles, splits)](
             a, b if grad else a, xmax if (grad and second) else first, first, second_out if second else first,
-            N, C, HW, *_strides(a), per_split,
+            N, C, HW, *strides(a), per_split,
             GRAD=grad, SECOND=second, BLOCK_C=block_c, BLOCK_HW=block_hw,
         )
     if splits == 1:
@@ -146,7 +166,7 @@ def _reduce(a, b, xmax, grad: bool, second: bool):
 
 
 def channel_pool(x: torch.Tensor, with_max: bool):
-    _check("channel_pool", "x", x)
+    check_activation("channel_pool", "x", x)
     N, C = x.shape[:2]
     acc = acc_dtype(x.dtype)
     if x.numel() == 0:
@@ -156,8 +176,8 @@ def channel_pool(x: torch.Tensor, with_max: bool):
 
 
 def channel_grad_reduce(dy: torch.Tensor, x: torch.Tensor, xmax=None):
-    _check("channel_grad_reduce", "x", x)
-    _check("channel_grad_reduce", "dy", dy, like=x)
+    check_activation("channel_grad_reduce", "x", x)
+    check_activation("channel_grad_reduce", "dy", dy, like=x)
     N, C = x.shape[:2]
     acc = acc_dtype(x.dtype)
     if x.numel() == 0:
@@ -200,33 +220,26 @@ def _gate_apply_kernel(
 
 def channel_gate_apply(a, gate, bias=None, x=None, xmax=None, tie_coef=None):
     op = "channel_gate_apply"
-    _check(op, "a", a)
+    check_activation(op, "a", a)
     ties = xmax is not None
     if ties != (tie_coef is not None) or ties != (x is not None):
         raise ValueError(f"{op}(): arguments 'x', 'xmax' and 'tie_coef' must be given together or not at all")
     if ties and bias is None:
         raise ValueError(f"{op}(): argument 'bias' is required when 'xmax' is given")
     if ties:
-        _check(op, "x", x, like=a)
+        check_activation(op, "x", x, like=a)
     N, C, H, W = a.shape
-    acc = acc_dtype(a.dtype)
-    for name, stat in (("gate", gate), ("bias", bias), ("xmax", xmax), ("tie_coef", tie_coef)):
-        if stat is not None and (stat.shape != (N, C) or stat.dtype != acc or not stat.is_contiguous()
-                                 or stat.device != a.device):
-            raise ValueError(
-                f"{op}(): argument '{name}' must be a contiguous {acc} tensor of shape ({N}, {C}) on {a.device}, "
-                f"got {tuple(stat.shape)} {stat.dtype} on {stat.device}"
-            )
+    check_stats(op, a, (N, C), gate=gate, bias=bias, xmax=xmax, tie_coef=tie_coef)
     out = torch.empty_like(a)
     if a.numel() == 0:
         return out
     HW = H * W
-    block_c, block_hw = _tile(a)
+    block_c, block_hw = tile_shape(a)
     grid = (N * triton.cdiv(C, block_c) * triton.cdiv(HW, block_hw),)
-    with _device_guard(a):
+    with device_guard(a):
         _gate_apply_kernel[grid](
             a, gate, bias if bias is not None else gate, x if ties else a, xmax if ties else gate,
-            tie_coef if ties else gate, out, C, HW, *_strides(a),
+            tie_coef if ties else gate, out, C, HW, *strides(a),
             HAS_BIAS=bias is not None, HAS_TIES=ties, BLOCK_C=block_c, BLOCK_HW=block_hw,
         )
     return out

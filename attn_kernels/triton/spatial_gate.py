@@ -1,0 +1,280 @@
+"""Spatial-gate primitives in Triton (CBAM, and its spatial attention alone), with the signatures
+of the CUDA ones (csrc/spatial_gate.cu).
+
+u = x * ca[n, c] (u = x when there is no channel gate ca) is never written to memory: each kernel
+recomputes it, the same way, so ties found in one pass are found again in the next.
+
+  spatial_pool(x, ca) -> (mean, max, ties)                               reads x
+      over C per pixel: mean and max of u, and how many u tie the max
+  spatial_grad_reduce(dy, x, ca, sa) -> (dsa, dca)                       reads dy, x
+      dsa[n,hw] = sum_c dy*u;  dca[n,c] = sum_hw dy*x*sa[n,hw] (empty without ca)
+  spatial_pool_grad_reduce(x, ca, smax, pmean, pmax, cmax) -> (dca, cties)   reads x
+      dca[n,c] = sum_hw x * (pmean[n,hw] + (u == smax[n,hw]) * pmax[n,hw]);  cties[n,c] = count(x == cmax[n,c])
+  spatial_gate_apply(a, ca, sa, x, smax, pmean, pmax, cbias, cmax, ctie) -> out   reads a (and x), writes out
+      out = ca * (a*sa + pmean + (u == smax)*pmax) + cbias + (x == cmax)*ctie
+      forward: a = x, with ca and sa only; the other terms are backward's.
+
+Per-pixel statistics are (N, H*W) and per-channel ones (N, C), contiguous, in the accumulator
+dtype. Partial results are combined in a fixed order: no atomics, bitwise reproducible.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ..ops.primitives import acc_dtype
+from .channel_gate import check_activation, check_stats, device_guard, split_hw, strides, tile_shape
+
+_TILE_ELEMENTS = 2048  # elements of x a program holds per loop step
+
+
+def tile_shape_over_c(t: torch.Tensor):
+    """(BLOCK_C, BLOCK_HW) of a program that loops over C for a tile of pixels."""
+    C, HW = t.shape[1], t.shape[2] * t.shape[3]
+    if t.is_contiguous():  # NCHW: pixels are contiguous
+        block_hw = min(triton.next_power_of_2(HW), 128)
+        block_c = min(triton.next_power_of_2(C), max(1, _TILE_ELEMENTS // block_hw))
+    else:
+        block_c = min(triton.next_power_of_2(C), 128)
+        block_hw = min(triton.next_power_of_2(HW), max(1, _TILE_ELEMENTS // block_c))
+    return block_c, block_hw
+
+
+@triton.jit
+def _reduce_over_c_kernel(
+    a_ptr, b_ptr, ca_ptr, sa_ptr, first_ptr, max_ptr, ties_ptr, dca_part_ptr,
+    C, HW, stride_n, stride_c, stride_hw,
+    GRAD: tl.constexpr, HAS_CA: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    # One program per (n, pixel tile), looping over C. GRAD=False (a = x): first = mean_c(u), and
+    # the max of u with its tie count. GRAD=True (a = dy, b = x): first = sum_c dy*u, and with
+    # HAS_CA this tile's share of sum_hw dy*x*sa for every channel, into dca_part[n, tile, c].
+    pid = tl.program_id(0).to(tl.int64)
+    hw_tiles = tl.cdiv(HW, BLOCK_HW)
+    n = pid // hw_tiles
+    hw_tile = pid % hw_tiles
+    hw = hw_tile * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    hw_mask = hw < HW
+    acc_ty = first_ptr.dtype.element_ty
+
+    total = tl.zeros((BLOCK_HW,), dtype=acc_ty)
+    run_max = tl.full((BLOCK_HW,), float("-inf"), dtype=acc_ty)
+    run_ties = tl.zeros((BLOCK_HW,), dtype=acc_ty)
+    if GRAD:
+        sa = tl.load(sa_ptr + n * HW + hw, mask=hw_mask, other=0)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_mask = c < C
+        mask = c_mask[:, None] & hw_mask[None, :]
+        offsets = n * stride_n + c[:, None] * stride_c + hw[None, :] * stride_hw
+        a = tl.load(a_ptr + offsets, mask=mask, other=0).to(acc_ty)
+        if HAS_CA:
+            ca = tl.load(ca_ptr + n * C + c, mask=c_mask, other=0)[:, None]
+        if GRAD:
+            p = a * tl.load(b_ptr + offsets, mask=mask, other=0).to(acc_ty)  # dy * x
+            if HAS_CA:
+                total += tl.sum(p * ca, axis=0)
+                part = tl.sum(p * sa[None, :], axis=1)
+                tl.store(dca_part_ptr + (n * hw_tiles + hw_tile) * C + c, part, mask=c_mask)
+            else:
+                total += tl.sum(p, axis=0)
+        else:
+            if HAS_CA:
+                u = a * ca
+            else:
+                u = a
+            total += tl.sum(u, axis=0)
+            u = tl.where(mask, u, float("-inf"))
+            chunk_max = tl.max(u, axis=0)
+            chunk_ties = tl.sum(tl.where(u == chunk_max[None, :], 1.0, 0.0), axis=0).to(acc_ty)
+            run_ties = tl.where(
+                chunk_max > run_max, chunk_ties, tl.where(chunk_max == run_max, run_ties + chunk_ties, run_ties)
+            )
+            run_max = tl.maximum(run_max, chunk_max)
+    out = n * HW + hw
+    if GRAD:
+        tl.store(first_ptr + out, total, mask=hw_mask)
+    else:
+        tl.store(first_ptr + out, total / C, mask=hw_mask)
+        tl.store(max_ptr + out, run_max, mask=hw_mask)
+        tl.store(ties_ptr + out, run_ties, mask=hw_mask)
+
+
+def spatial_pool(x: torch.Tensor, ca=None):
+    op = "spatial_pool"
+    check_activation(op, "x", x)
+    N, C, H, W = x.shape
+    HW = H * W
+    check_stats(op, x, (N, C), ca=ca)
+    acc = acc_dtype(x.dtype)
+    if x.numel() == 0:
+        return tuple(x.new_zeros((N, HW), dtype=acc) for _ in range(3))
+    mean, xmax, ties = (torch.empty((N, HW), dtype=acc, device=x.device) for _ in range(3))
+    block_c, block_hw = tile_shape_over_c(x)
+    with device_guard(x):
+        _reduce_over_c_kernel[(N * triton.cdiv(HW, block_hw),)](
+            x, x, ca if ca is not None else mean, mean, mean, xmax, ties, mean,
+            C, HW, *strides(x),
+            GRAD=False, HAS_CA=ca is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        )
+    return mean, xmax, ties
+
+
+def spatial_grad_reduce(dy: torch.Tensor, x: torch.Tensor, ca, sa: torch.Tensor):
+    op = "spatial_grad_reduce"
+    check_activation(op, "x", x)
+    check_activation(op, "dy", dy, like=x)
+    N, C, H, W = x.shape
+    HW = H * W
+    check_stats(op, x, (N, C), ca=ca)
+    check_stats(op, x, (N, HW), sa=sa)
+    acc = acc_dtype(x.dtype)
+    if x.numel() == 0:
+        return x.new_zeros((N, HW), dtype=acc), x.new_zeros((N, C) if ca is not None else (0,), dtype=acc)
+    block_c, block_hw = tile_shape_over_c(x)
+    hw_tiles = triton.cdiv(HW, block_hw)
+    dsa = torch.empty((N, HW), dtype=acc, device=x.device)
+    dca_part = torch.empty((N, hw_tiles, C) if ca is not None else (0,), dtype=acc, device=x.device)
+    with device_guard(x):
+        _reduce_over_c_kernel[(N * hw_tiles,)](
+            dy, x, ca if ca is not None else dsa, sa, dsa, dsa, dsa, dca_part if ca is not None else dsa,
+            C, HW, *strides(x),
+            GRAD=True, HAS_CA=ca is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        )
+    return dsa, dca_part.sum(1) if ca is not None else dca_part
+
+
+@triton.jit
+def _pool_grad_kernel(
+    x_ptr, ca_ptr, smax_ptr, pmean_ptr, pmax_ptr, cmax_ptr, dca_ptr, ties_ptr,
+    N, C, HW, stride_n, stride_c, stride_hw, hw_per_split,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    # One program per (n, channel tile, split of H*W), as channel_gate's reductions.
+    pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    n = pid // c_tiles
+    c = (pid % c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = c < C
+    base = n * stride_n + c[:, None] * stride_c
+    hw_begin = split * hw_per_split
+    hw_end = tl.minimum(HW, hw_begin + hw_per_split)
+    acc_ty = dca_ptr.dtype.element_ty
+    ca = tl.load(ca_ptr + n * C + c, mask=c_mask, other=0)[:, None]
+    cmax = tl.load(cmax_ptr + n * C + c, mask=c_mask, other=0)[:, None]
+
+    dca = tl.zeros((BLOCK_C, BLOCK_HW), dtype=acc_ty)
+    ties = tl.zeros((BLOCK_C, BLOCK_HW), dtype=acc_ty)
+    for start in range(hw_begin, hw_end, BLOCK_HW):
+        hw = start + tl.arange(0, BLOCK_HW)
+        hw_mask = hw < hw_end
+        mask = c_mask[:, None] & hw_mask[None, :]
+        x = tl.load(x_ptr + base + hw[None, :] * stride_hw, mask=mask, other=0).to(acc_ty)
+        pixel = n * HW + hw
+        pmean = tl.load(pmean_ptr + pixel, mask=hw_mask, other=0)[None, :]
+        pmax = tl.load(pmax_ptr + pixel, mask=hw_mask, other=0)[None, :]
+        smax = tl.load(smax_ptr + pixel, mask=hw_mask, other=0)[None, :]
+        dca += x * (pmean + tl.where(x * ca == smax, pmax, 0.0))
+        ties += tl.where(mask & (x == cmax), 1.0, 0.0).to(acc_ty)
+    out = split * N * C + n * C + c
+    tl.store(dca_ptr + out, tl.sum(dca, axis=1), mask=c_mask)
+    tl.store(ties_ptr + out, tl.sum(ties, axis=1), mask=c_mask)
+
+
+def spatial_pool_grad_reduce(x, ca, smax, pmean, pmax, cmax):
+    op = "spatial_pool_grad_reduce"
+    check_activation(op, "x", x)
+    N, C, H, W = x.shape
+    HW = H * W
+    check_stats(op, x, (N, C), ca=ca, cmax=cmax)
+    check_stats(op, x, (N, HW), smax=smax, pmean=pmean, pmax=pmax)
+    acc = acc_dtype(x.dtype)
+    if x.numel() == 0:
+        return x.new_zeros((N, C), dtype=acc), x.new_zeros((N, C), dtype=acc)
+    block_c, block_hw = tile_shape(x)
+    tiles, splits, per_split = split_hw(x, block_c, block_hw)
+    dca, ties = (torch.empty((splits, N, C), dtype=acc, device=x.device) for _ in range(2))
+    with device_guard(x):
+        _pool_grad_kernel[(tiles, splits)](
+            x, ca, smax, pmean, pmax, cmax, dca, ties, N, C, HW, *strides(x), per_split,
+            BLOCK_C=block_c, BLOCK_HW=block_hw,
+        )
+    return dca.sum(0), ties.sum(0)
+
+
+@triton.jit
+def _spatial_apply_kernel(
+    a_ptr, ca_ptr, sa_ptr, x_ptr, smax_ptr, pmean_ptr, pmax_ptr, cbias_ptr, cmax_ptr, ctie_ptr, out_ptr,
+    C, HW, stride_n, stride_c, stride_hw,
+    HAS_CA: tl.constexpr, SPATIAL_GRAD: tl.constexpr, CHANNEL_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    # One program per (n, channel tile, pixel tile).
+    pid = tl.program_id(0).to(tl.int64)
+    hw_tiles = tl.cdiv(HW, BLOCK_HW)
+    c_tiles = tl.cdiv(C, BLOCK_C)
+    hw_tile = pid % hw_tiles
+    c_tile = (pid // hw_tiles) % c_tiles
+    n = pid // (hw_tiles * c_tiles)
+    c = c_tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = hw_tile * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    c_mask = c < C
+    hw_mask = hw < HW
+    mask = c_mask[:, None] & hw_mask[None, :]
+    offsets = n * stride_n + c[:, None] * stride_c + hw[None, :] * stride_hw
+    channel = n * C + c
+    pixel = n * HW + hw
+    acc_ty = sa_ptr.dtype.element_ty
+
+    a = tl.load(a_ptr + offsets, mask=mask, other=0).to(acc_ty)
+    out = a * tl.load(sa_ptr + pixel, mask=hw_mask, other=0)[None, :]
+    if HAS_CA:
+        ca = tl.load(ca_ptr + channel, mask=c_mask, other=0)[:, None]
+    if SPATIAL_GRAD:
+        x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_ty)
+        if HAS_CA:
+            u = x * ca
+        else:
+            u = x
+        smax = tl.load(smax_ptr + pixel, mask=hw_mask, other=0)[None, :]
+        pmax = tl.load(pmax_ptr + pixel, mask=hw_mask, other=0)[None, :]
+        out += tl.load(pmean_ptr + pixel, mask=hw_mask, other=0)[None, :] + tl.where(u == smax, pmax, 0.0)
+    if HAS_CA:
+        out = out * ca
+    if CHANNEL_GRAD:
+        cmax = tl.load(cmax_ptr + channel, mask=c_mask, other=0)[:, None]
+        ctie = tl.load(ctie_ptr + channel, mask=c_mask, other=0)[:, None]
+        out += tl.load(cbias_ptr + channel, mask=c_mask, other=0)[:, None] + tl.where(x == cmax, ctie, 0.0)
+    tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def spatial_gate_apply(a, ca, sa, x=None, smax=None, pmean=None, pmax=None, cbias=None, cmax=None, ctie=None):
+    op = "spatial_gate_apply"
+    check_activation(op, "a", a)
+    N, C, H, W = a.shape
+    HW = H * W
+    spatial_grad = x is not None
+    channel_grad = cbias is not None
+    if any((t is not None) != spatial_grad for t in (smax, pmean, pmax)):
+        raise ValueError(f"{op}(): arguments 'x', 'smax', 'pmean' and 'pmax' must be given together or not at all")
+    if any((t is not None) != channel_grad for t in (cmax, ctie)):
+        raise ValueError(f"{op}(): arguments 'cbias', 'cmax' and 'ctie' must be given together or not at all")
+    if channel_grad and (ca is None or not spatial_grad):
+        raise ValueError(f"{op}(): the channel terms 'cbias', 'cmax', 'ctie' need 'ca' and the spatial terms")
+    if spatial_grad:
+        check_activation(op, "x", x, like=a)
+    check_stats(op, a, (N, C), ca=ca, cbias=cbias, cmax=cmax, ctie=ctie)
+    check_stats(op, a, (N, HW), sa=sa, smax=smax, pmean=pmean, pmax=pmax)
+    out = torch.empty_like(a)
+    if a.numel() == 0:
+        return out
+    block_c, block_hw = tile_shape(a)
+    grid = (N * triton.cdiv(C, block_c) * triton.cdiv(HW, block_hw),)
+    with device_guard(a):
+        _spatial_apply_kernel[grid](
+            a, *(t if t is not None else sa for t in (ca, sa, x, smax, pmean, pmax, cbias, cmax, ctie)), out,
+            C, HW, *strides(a),
+            HAS_CA=ca is not None, SPATIAL_GRAD=spatial_grad, CHANNEL_GRAD=channel_grad,
+            BLOCK_C=block_c, BLOCK_HW=block_hw,
+        )
+    return out
