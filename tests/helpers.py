@@ -42,20 +42,42 @@ def assert_close_to_reference(name, out, eager, reference):
     assert err <= 2 * eager_err + floor, f"{name}: error {err:.3g} > 2 x eager error {eager_err:.3g} + {floor:.3g}"
 
 
-def make_pair(channels, dtype=torch.float32, device="cpu", seed=0, **kwargs):
-    """timm's SEModule and a FusedSE holding the same (random, non-trivial) parameters."""
+# block name -> (timm module, drop-in), constructed with the same arguments.
+BLOCKS = {
+    "se": (lambda *a, **k: timm_layers.SEModule(*a, **k), attn_kernels.FusedSE),
+    "channel_attn": (lambda *a, **k: timm_layers.cbam.ChannelAttn(*a, **k), attn_kernels.FusedChannelAttn),
+    "spatial_attn": (lambda *a, **k: timm_layers.cbam.SpatialAttn(*a, **k), attn_kernels.FusedSpatialAttn),
+    "cbam": (lambda *a, **k: timm_layers.cbam.CbamModule(*a, **k), attn_kernels.FusedCBAM),
+}
+
+
+def block_args(block, channels):
+    """The positional constructor arguments of a block for x with `channels` channels."""
+    return () if block == "spatial_attn" else (channels,)
+
+
+def make_pair(block, *args, dtype=torch.float32, device="cpu", seed=0, train=True, **kwargs):
+    """timm's module and its drop-in holding the same random, non-trivial parameters and BN
+    statistics, both in train or eval mode."""
+    make_eager, make_fused = BLOCKS[block]
     torch.manual_seed(seed)
-    eager = timm_layers.SEModule(channels, **kwargs).to(device=device, dtype=dtype)
+    eager = make_eager(*args, **kwargs)
     with torch.no_grad():
         for p in eager.parameters():
             p.normal_(0, 0.5)
-    fused = attn_kernels.FusedSE(channels, **kwargs).to(device=device, dtype=dtype)
+        for name, b in eager.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_(0, 0.5)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+    eager = eager.to(device=device, dtype=dtype).train(train)
+    fused = make_fused(*args, **kwargs).to(device=device, dtype=dtype).train(train)
     fused.load_state_dict(eager.state_dict(), strict=True)
     return eager, fused
 
 
 def run(module, x, dy, backend=None):
-    """(y, x.grad, parameter grads) of one forward and backward."""
+    """(y, x.grad, parameter grads and float buffers after the step) of one forward and backward."""
     x = x.detach().clone().requires_grad_()
     module.zero_grad(set_to_none=True)
     if backend is None:
@@ -64,25 +86,29 @@ def run(module, x, dy, backend=None):
         with attn_kernels.use_backend(backend):
             y = module(x)
     y.backward(dy)
-    return y.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
+    state = {n: p.grad for n, p in module.named_parameters()}
+    state.update({n: b.clone() for n, b in module.named_buffers() if b.is_floating_point()})
+    return y.detach(), x.grad, state
 
 
-def check_kernel_against_reference(backend, x, kwargs):
-    """Kernel output and gradients vs a float64 reference, within twice eager PyTorch's error."""
-    channels = x.shape[1]
-    eager, fused = make_pair(channels, x.dtype, x.device, **kwargs)
+def check_kernel_against_reference(backend, x, block="se", kwargs=None, train=True):
+    """Kernel output, gradients and updated BN statistics vs a float64 reference, within twice
+    eager PyTorch's error at x's dtype."""
+    eager, fused = make_pair(block, *block_args(block, x.shape[1]), dtype=x.dtype, device=x.device, train=train,
+                             **(kwargs or {}))
     eager64 = copy.deepcopy(eager).double()  # the same (rounded) parameters, computed in float64
     dy = make_x(tuple(x.shape), x.dtype, x.device, seed=1)
     if not x.is_contiguous():
         dy = dy.contiguous(memory_format=torch.channels_last)
-    y_ref, dx_ref, g_ref = run(eager64, x.double(), dy.double())
-    y_e, dx_e, g_e = run(eager, x, dy)
-    y_k, dx_k, g_k = run(fused, x, dy, backend)
+    y_ref, dx_ref, s_ref = run(eager64, x.double(), dy.double())
+    y_e, dx_e, s_e = run(eager, x, dy)
+    y_k, dx_k, s_k = run(fused, x, dy, backend)
     with attn_kernels.use_backend(backend):
         assert fused.dispatch(x).backend == backend
     assert_close_to_reference("y", y_k, y_e, y_ref)
     assert_close_to_reference("dx", dx_k, dx_e, dx_ref)
-    for name in g_ref:
-        assert_close_to_reference(name, g_k[name], g_e[name], g_ref[name])
+    assert s_ref.keys() == s_k.keys()
+    for name in s_ref:
+        assert_close_to_reference(name, s_k[name], s_e[name], s_ref[name])
     # Outputs keep x's memory format: no hidden copy into another layout.
     assert y_k.stride() == x.stride() and dx_k.stride() == x.stride()

@@ -24,7 +24,7 @@ SHAPES = [(8, 256, 56, 56), (8, 512, 28, 28), (8, 1024, 14, 14), (8, 2048, 7, 7)
 @pytest.mark.parametrize("add_maxpool", [False, True], ids=["mean", "mean+max"])
 def test_matches_reference(backend, dtype, layout, shape, add_maxpool, poisoned):
     x = make_x(shape, dtype, "cuda", layout, kind="relu" if add_maxpool else "normal")
-    check_kernel_against_reference(backend, x, {"add_maxpool": add_maxpool})
+    check_kernel_against_reference(backend, x, "se", {"add_maxpool": add_maxpool})
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -32,7 +32,7 @@ def test_matches_reference(backend, dtype, layout, shape, add_maxpool, poisoned)
 def test_bitwise_deterministic(backend, layout, poisoned):
     x = make_x((8, 512, 28, 28), torch.bfloat16, "cuda", layout, kind="quantized")
     dy = make_x((8, 512, 28, 28), torch.bfloat16, "cuda", layout, seed=1)
-    _, fused = make_pair(512, torch.bfloat16, "cuda", add_maxpool=True)
+    _, fused = make_pair("se", 512, dtype=torch.bfloat16, device="cuda", add_maxpool=True)
     first, second = run(fused, x, dy, backend), run(fused, x, dy, backend)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert all(torch.equal(first[2][k], second[2][k]) for k in first[2])
@@ -42,7 +42,7 @@ def test_bitwise_deterministic(backend, layout, poisoned):
 def test_backward_keeps_no_activation_sized_intermediate(backend):
     """After forward, the graph holds y (the output) plus O(N*C): timm's eager SE holds more."""
     x = make_x((32, 256, 56, 56), torch.bfloat16, "cuda", "channels_last").requires_grad_()
-    _, fused = make_pair(256, torch.bfloat16, "cuda")
+    _, fused = make_pair("se", 256, dtype=torch.bfloat16, device="cuda")
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     with attn_kernels.use_backend(backend):

@@ -44,7 +44,7 @@ def sample_inputs(dtype=torch.float32, device="cpu", layouts=LAYOUTS):
     ids=str,
 )
 def test_reference_backend_matches_timm_bitwise(kwargs):
-    eager, fused = make_pair(32, **kwargs)
+    eager, fused = make_pair("se", 32, **kwargs)
     x = make_x((2, 32, 5, 6), kind="relu")
     dy = make_x((2, 32, 5, 6), seed=1)
     y_e, dx_e, g_e = run(eager, x, dy)
@@ -78,7 +78,7 @@ def test_triton_interpreted_matches_reference(sample, poisoned):
     if torch.cuda.is_available():
         pytest.skip("covered at real shapes by the GPU tests")
     _, x, kwargs = sample
-    check_kernel_against_reference("triton", x, kwargs)
+    check_kernel_against_reference("triton", x, "se", kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
@@ -86,7 +86,7 @@ def test_triton_interpreted_dtypes(dtype, poisoned):
     if torch.cuda.is_available():
         pytest.skip("covered at real shapes by the GPU tests")
     for layout in LAYOUTS:
-        check_kernel_against_reference("triton", make_x((2, 24, 5, 7), dtype, layout=layout), {"add_maxpool": True})
+        check_kernel_against_reference("triton", make_x((2, 24, 5, 7), dtype, layout=layout), "se", {"add_maxpool": True})
 
 
 def test_reductions_split_over_hw(monkeypatch, poisoned):
@@ -155,7 +155,7 @@ def test_opcheck(pool):
 def test_compile_fullgraph_has_no_graph_break():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     backend = "cuda" if torch.cuda.is_available() else "triton"
-    eager, fused = make_pair(16, device=device)
+    eager, fused = make_pair("se", 16, device=device)
     model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), fused, nn.ReLU()).to(device)
     x = make_x((2, 16, 6, 6), device=device)
     torch._dynamo.reset()
@@ -170,7 +170,7 @@ def test_compile_fullgraph_has_no_graph_break():
 def test_saves_only_x_and_per_channel_statistics():
     """Backward keeps x plus O(N*C) tensors (and the tiny weights): nothing else the size of x."""
     x = make_x((2, 32, 8, 8)).requires_grad_()
-    _, fused = make_pair(32, add_maxpool=True)
+    _, fused = make_pair("se", 32, add_maxpool=True)
     saved = []
 
     def pack(t):
@@ -188,7 +188,7 @@ def test_saves_only_x_and_per_channel_statistics():
 def test_deterministic_bitwise():
     x = make_x((2, 24, 9, 7), kind="relu")
     dy = make_x((2, 24, 9, 7), seed=3)
-    _, fused = make_pair(24, add_maxpool=True)
+    _, fused = make_pair("se", 24, add_maxpool=True)
     first = run(fused, x, dy, "triton")
     second = run(fused, x, dy, "triton")
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
@@ -198,7 +198,7 @@ def test_deterministic_bitwise():
 # ---- dispatch and bad input -----------------------------------------------------------------
 
 def test_dispatch_says_why():
-    _, fused = make_pair(8)
+    _, fused = make_pair("se", 8)
     x = make_x((1, 8, 3, 3))
     choice = fused.dispatch(x)
     assert choice.backend == "reference" and "'auto' sends non-CUDA tensors" in choice.passed_over["cuda"]
@@ -214,7 +214,7 @@ def test_dispatch_says_why():
         strided = make_x((1, 8, 6, 6))[:, :, ::2]
         choice = fused.dispatch(strided)
         assert choice.backend == "reference" and "strides" in choice.passed_over["triton"]
-        eager, _ = make_pair(8)
+        eager, _ = make_pair("se", 8)
         torch.testing.assert_close(fused(strided), eager(strided), rtol=0, atol=0)
 
 

@@ -73,7 +73,7 @@ def cbam_forward(
         cmean, cmax = ops.channel_pool(x, True)
         ca = excite(_POOL, cmean, cmax, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate).gate
     else:
-        cmean = cmax = x.new_empty((0,), dtype=acc)
+        cmean, cmax = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
         ca = None
     smean, smax, sties = ops.spatial_pool(x, ca)
     z = _conv_maps(smean, smax, x.shape, conv_weight)[1]
@@ -166,7 +166,7 @@ def cbam_backward(
         # Pass 3.
         dx = ops.spatial_gate_apply(dy, ca, sa, x, smax, pmean, pmax, dcmean / (H * W), cmax, dcmax / cties)
     else:
-        dmlp = [x.new_empty((0,), dtype=cmean.dtype)] * 4
+        dmlp = [x.new_empty((0,), dtype=cmean.dtype) for _ in range(4)]
         dx = ops.spatial_gate_apply(dy, None, sa, x, smax, pmean, pmax, None, None, None)
     return (
         dx,

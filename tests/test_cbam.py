@@ -1,0 +1,235 @@
+"""CBAM and its parts (ChannelAttn, SpatialAttn): reference vs timm, kernels vs reference,
+BatchNorm in train and eval, tied maxima, gradients, the op contract, bad input.
+
+Kernel tests run the 'triton' backend in Triton's interpreter on CPU where there is no GPU; the
+GPU tier (test_gpu.py) runs both backends at real shapes.
+"""
+import pytest
+import torch
+
+import attn_kernels
+from attn_kernels import functional as F
+from attn_kernels.ops.cbam import cbam_backward, cbam_forward
+from helpers import block_args, check_kernel_against_reference, make_pair, make_x, run
+
+BLOCKS = ["channel_attn", "spatial_attn", "cbam"]
+LAYOUTS = ["nchw", "channels_last"]
+interpreted_only = pytest.mark.skipif(torch.cuda.is_available(), reason="covered at real shapes by the GPU tests")
+
+# (description, shape, x kind): small shapes for the interpreter; ties in both maxima.
+SAMPLES = [
+    ("odd sizes", (2, 13, 5, 7), "normal"),
+    ("H*W = 1", (3, 16, 1, 1), "normal"),
+    ("post-ReLU ties", (2, 12, 6, 5), "relu"),
+    ("quantized ties", (2, 10, 4, 4), "quantized"),
+    ("zero planes", (2, 9, 3, 5), "zero_planes"),
+]
+
+
+def pair(block, channels, **kwargs):
+    kwargs = {"rd_ratio": 0.25, **kwargs} if block != "spatial_attn" else kwargs
+    return make_pair(block, *block_args(block, channels), **kwargs)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("block", BLOCKS)
+def test_reference_backend_matches_timm_bitwise(block, train):
+    eager, fused = pair(block, 16, train=train)
+    x = make_x((2, 16, 5, 6), kind="relu")
+    dy = make_x((2, 16, 5, 6), seed=1)
+    y_e, dx_e, s_e = run(eager, x, dy)
+    y_f, dx_f, s_f = run(fused, x, dy, backend="reference")
+    assert torch.equal(y_e, y_f) and torch.equal(dx_e, dx_f)
+    assert s_e.keys() == s_f.keys()
+    for name in s_e:
+        assert torch.equal(s_e[name], s_f[name]), name
+    assert torch.equal(dict(eager.named_buffers()).get("spatial.conv.bn.num_batches_tracked", torch.zeros(())),
+                       dict(fused.named_buffers()).get("spatial.conv.bn.num_batches_tracked", torch.zeros(())))
+
+
+@pytest.mark.parametrize(
+    "block, kwargs",
+    [("cbam", {}), ("cbam", {"rd_channels": 3, "spatial_kernel_size": 3, "mlp_bias": True}),
+     ("channel_attn", {"rd_divisor": 4}), ("spatial_attn", {"kernel_size": 5})],
+    ids=str,
+)
+def test_state_dict_loads_both_ways(block, kwargs):
+    eager, fused = make_pair(block, *block_args(block, 32), **kwargs)
+    assert list(eager.state_dict()) == list(fused.state_dict())
+    fused.load_state_dict(eager.state_dict(), strict=True)
+    eager.load_state_dict(fused.state_dict(), strict=True)
+
+
+@interpreted_only
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: s[0])
+@pytest.mark.parametrize("block", BLOCKS)
+def test_triton_interpreted_matches_reference(block, sample, layout, train, poisoned):
+    _, shape, kind = sample
+    check_kernel_against_reference("triton", make_x(shape, layout=layout, kind=kind), block, train=train)
+
+
+@interpreted_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_triton_interpreted_dtypes(dtype, poisoned):
+    for layout in LAYOUTS:
+        check_kernel_against_reference("triton", make_x((2, 24, 5, 7), dtype, layout=layout, kind="relu"), "cbam",
+                                       {"rd_ratio": 0.25})
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channel", [True, False], ids=["cbam", "spatial"])
+def test_gradcheck_float64(channel, train):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dd = {"dtype": torch.float64, "device": device}
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 4, 5, **dd)
+    mlp = [torch.randn(3, 6, 1, 1, **dd), torch.randn(3, **dd), torch.randn(6, 3, 1, 1, **dd), torch.randn(6, **dd)]
+    conv, bn_w, bn_b = torch.randn(1, 2, 3, 3, **dd), torch.rand(1, **dd) + 0.5, torch.randn(1, **dd)
+    stats = [torch.randn(1, **dd), torch.rand(1, **dd) + 0.5]
+    inputs = [t.requires_grad_() for t in [x, *(mlp if channel else []), conv, bn_w, bn_b]]
+
+    def f(x, *params):
+        fc = params[:4] if channel else (None,) * 4
+        conv, bn_w, bn_b = params[-3:]
+        # Fresh running statistics per call: gradcheck evaluates f many times.
+        rm, rv = stats[0].clone(), stats[1].clone()
+        return F.cbam(x, *fc, conv, rm, rv, bn_w, bn_b, bn_training=train, act="silu")
+
+    for backend in ["triton"] + (["cuda"] if torch.cuda.is_available() else []):
+        with attn_kernels.use_backend(backend):
+            assert F.cbam_dispatch(x, conv, *stats, bn_w, bn_b, bn_training=train).backend == backend
+            assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
+
+
+def op_args(backend, channel, train, device):
+    torch.manual_seed(0)
+    x = make_x((2, 8, 3, 5), device=device, kind="quantized")
+    fc = [torch.randn(4, 8, 1, 1, device=device), None, torch.randn(8, 4, 1, 1, device=device), None]
+    spatial = [torch.randn(1, 2, 3, 3, device=device), torch.rand(1, device=device) + 0.5,
+               torch.randn(1, device=device), torch.randn(1, device=device), torch.rand(1, device=device) + 0.5]
+    return x, (fc if channel else [None] * 4), spatial, (train, 1e-5, "relu", "sigmoid", backend)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("channel", [True, False], ids=["cbam", "spatial"])
+def test_opcheck(channel, train):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for backend in ["triton"] + (["cuda"] if torch.cuda.is_available() else []):
+        x, fc, spatial, config = op_args(backend, channel, train, device)
+        grads = [t.requires_grad_() if t is not None else None for t in [x, *fc, *spatial[:3]]]
+        torch.library.opcheck(cbam_forward, (*grads, *spatial[3:], *config))
+        # The backward op has no derivative of its own: detached inputs.
+        plain = [t.detach() if t is not None else None for t in [x, *fc, *spatial]]
+        _, *stats = cbam_forward(*plain, *config)
+        dy = torch.randn_like(x)
+        torch.library.opcheck(cbam_backward, (dy, *plain[:8], *stats, *config))
+
+
+def test_compile_fullgraph_has_no_graph_break():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = "cuda" if torch.cuda.is_available() else "triton"
+    _, fused = pair("cbam", 16)
+    model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), fused, torch.nn.ReLU()).to(device)
+    reference_model = __import__("copy").deepcopy(model)
+    x = make_x((2, 16, 6, 6), device=device)
+    torch._dynamo.reset()
+    with attn_kernels.use_backend(backend):
+        compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
+        y = compiled(x.requires_grad_())
+        y.sum().backward()
+    expected = reference_model(x.detach())
+    torch.testing.assert_close(y, expected)
+    # The compiled step updated the BN running statistics as eager does.
+    for (name, b), (_, c) in zip(model.named_buffers(), reference_model.named_buffers()):
+        torch.testing.assert_close(b, c, msg=name)
+
+
+def test_saves_only_x_and_small_statistics():
+    """Backward keeps x plus O(N*C + N*H*W) tensors and the tiny weights: timm's CBAM keeps 2|x|."""
+    x = make_x((2, 32, 8, 8)).requires_grad_()
+    _, fused = pair("cbam", 32)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with attn_kernels.use_backend("triton"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fused(x)
+    activation_sized = [t for t in saved if t.numel() >= x.numel()]
+    assert len(activation_sized) == 1 and activation_sized[0].data_ptr() == x.data_ptr()
+    params = sum(p.numel() for p in fused.parameters())
+    N, C, H, W = x.shape
+    assert sum(t.numel() for t in saved) <= x.numel() + params + 2 * N * C + 3 * N * H * W + 2
+
+
+def test_deterministic_bitwise():
+    x = make_x((2, 24, 9, 7), kind="relu")
+    dy = make_x((2, 24, 9, 7), seed=3)
+    _, fused = pair("cbam", 24)
+    first, second = run(fused, x, dy, "triton"), run(fused, x, dy, "triton")
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    grads = [k for k in first[2] if "running" not in k]  # running statistics move on each step
+    assert all(torch.equal(first[2][k], second[2][k]) for k in grads)
+
+
+def test_dispatch_falls_back_with_a_reason():
+    x = make_x((2, 8, 4, 4))
+    eager, fused = pair("cbam", 8)
+    with attn_kernels.use_backend("triton"):
+        assert fused.dispatch(x).backend == "triton"
+        for module in (eager, fused):  # a BatchNorm without affine parameters
+            module.spatial.conv.bn.weight = module.spatial.conv.bn.bias = None
+        choice = fused.dispatch(x)
+        assert choice.backend == "reference" and "without affine" in choice.passed_over["triton"]
+        torch.testing.assert_close(fused(x), eager(x), rtol=0, atol=0)
+        single = make_x((1, 8, 1, 1))
+        spatial = pair("spatial_attn", 8)[1]
+        assert "more than one value" in spatial.dispatch(single).passed_over["triton"]
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            spatial(single)
+
+
+def test_eval_without_running_statistics_uses_batch_statistics():
+    """As nn.BatchNorm2d: in eval with no running statistics, normalize with the batch's."""
+    eager, fused = pair("cbam", 8)
+    for module in (eager, fused):
+        bn = module.spatial.conv.bn
+        bn.track_running_stats = False
+        bn.running_mean = bn.running_var = bn.num_batches_tracked = None
+        module.eval()
+    x = make_x((2, 8, 4, 5))
+    dy = make_x((2, 8, 4, 5), seed=1)
+    y_e, dx_e, _ = run(eager, x, dy)
+    y_f, dx_f, _ = run(fused, x, dy, "triton")
+    torch.testing.assert_close(y_f, y_e)
+    torch.testing.assert_close(dx_f, dx_e)
+
+
+def test_different_gates_run_the_parts_apart():
+    eager, fused = pair("cbam", 8)
+    fused.spatial.gate = eager.spatial.gate = torch.nn.Hardsigmoid()
+    x = make_x((2, 8, 4, 5))
+    dy = make_x((2, 8, 4, 5), seed=1)
+    y_e, dx_e, _ = run(eager, x, dy)
+    y_f, dx_f, _ = run(fused, x, dy, "triton")
+    torch.testing.assert_close(y_f, y_e)
+    torch.testing.assert_close(dx_f, dx_e)
+
+
+def test_bad_input_names_the_argument():
+    x = torch.randn(2, 8, 4, 4)
+    conv = torch.randn(1, 2, 7, 7)
+    bn = [torch.zeros(1), torch.ones(1), torch.ones(1), torch.zeros(1)]
+    with pytest.raises(ValueError, match="conv_weight must be a \\(1, 2, k, k\\) tensor with odd k"):
+        F.cbam(x, None, None, None, None, torch.randn(1, 2, 4, 4), *bn)
+    with pytest.raises(ValueError, match="bn_weight must have shape \\(1,\\)"):
+        F.cbam(x, None, None, None, None, conv, bn[0], bn[1], torch.ones(2), bn[3])
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        F.cbam(torch.randn(8, 4, 4), None, None, None, None, conv, *bn)
+    with pytest.raises(ValueError, match="x has 8 channels but fc1_weight expects 6"):
+        F.cbam(x, torch.randn(2, 6, 1, 1), None, torch.randn(6, 2, 1, 1), None, conv, *bn)
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd int"):
+        attn_kernels.FusedSpatialAttn(kernel_size=4)
