@@ -43,6 +43,7 @@ class Block:
 # One entry per block; a new block adds one line here.
 BLOCKS: Dict[str, Block] = {
     "se": Block(eager=lambda c: timm.layers.SEModule(c), fused=lambda c: attn_kernels.FusedSE(c)),
+    "cbam": Block(eager=lambda c: timm.layers.cbam.CbamModule(c), fused=lambda c: attn_kernels.FusedCBAM(c)),
 }
 
 RESNET50_STAGES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]  # C, H, W of the SE sites

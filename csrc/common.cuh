@@ -37,6 +37,26 @@ namespace attn_kernels {
            at::toAccumulateType((x).scalar_type(), true), ", got ", (t).sizes(), " ",            \
            (t).scalar_type(), " ", (t).device())
 
+// Per-pixel statistics: (N, H*W), same device and accumulator dtype.
+#define AK_CHECK_PIXEL_STAT(op, t, x)                                                              \
+  AK_CHECK((t).is_cuda() && (t).is_contiguous() && (t).dim() == 2 && (t).size(0) == (x).size(0) && \
+               (t).size(1) == (x).size(2) * (x).size(3) &&                                       \
+               (t).scalar_type() == at::toAccumulateType((x).scalar_type(), true),               \
+           op, "argument '" #t "' must be a contiguous CUDA tensor of shape (N, H*W) = (",       \
+           (x).size(0), ", ", (x).size(2) * (x).size(3), ") and dtype ",                          \
+           at::toAccumulateType((x).scalar_type(), true), ", got ", (t).sizes(), " ",            \
+           (t).scalar_type(), " ", (t).device())
+
+// An activation argument: a 4-D floating CUDA tensor with something to pool over.
+#define check_activation(op, x)                                                                    \
+  do {                                                                                             \
+    AK_CHECK_CUDA(op, x);                                                                          \
+    AK_CHECK_NCHW(op, x);                                                                          \
+    AK_CHECK_FLOAT(op, x);                                                                         \
+    AK_CHECK((x).numel() == 0 || (x).size(2) * (x).size(3) > 0, op, "argument '" #x                \
+             "' must have H*W >= 1 to pool over, got shape ", (x).sizes());                        \
+  } while (0)
+
 // The kernels see a 4-D activation as a dense 2-D array in memory order:
 //   NCHW (contiguous):     rows = N*C pixels-planes, cols = H*W; statistic index = row
 //   NHWC (channels_last):  rows = N*H*W pixels,      cols = C;   statistic index = n*C + col

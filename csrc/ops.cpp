@@ -20,4 +20,16 @@ TORCH_LIBRARY(attn_kernels_cuda, m) {
   m.def(
       "channel_gate_apply(Tensor a, Tensor gate, Tensor? bias, Tensor? x, Tensor? xmax, "
       "Tensor? tie_coef) -> Tensor");
+  // Over C per pixel: mean and max of u = x*ca (x without ca) and the count of u tying the max.
+  m.def("spatial_pool(Tensor x, Tensor? ca) -> (Tensor mean, Tensor max, Tensor ties)");
+  // sum_c dy*u per pixel, and sum_hw dy*x*sa per channel (empty without ca).
+  m.def("spatial_grad_reduce(Tensor dy, Tensor x, Tensor? ca, Tensor sa) -> (Tensor dsa, Tensor dca)");
+  // sum_hw x*(pmean + (u == smax)*pmax) per channel, and the count of x tying cmax.
+  m.def(
+      "spatial_pool_grad_reduce(Tensor x, Tensor ca, Tensor smax, Tensor pmean, Tensor pmax, Tensor cmax) "
+      "-> (Tensor dca, Tensor cties)");
+  // ca*(a*sa + pmean + (u == smax)*pmax) + cbias + (x == cmax)*ctie, in a's dtype and layout.
+  m.def(
+      "spatial_gate_apply(Tensor a, Tensor? ca, Tensor sa, Tensor? x, Tensor? smax, Tensor? pmean, "
+      "Tensor? pmax, Tensor? cbias, Tensor? cmax, Tensor? ctie) -> Tensor");
 }

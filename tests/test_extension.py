@@ -28,6 +28,8 @@ def test_schemas_registered(extension):
     assert str(ns.channel_pool.default._schema) == "attn_kernels_cuda::channel_pool(Tensor x, bool with_max) -> (Tensor mean, Tensor max)"
     assert "Tensor? xmax" in str(ns.channel_grad_reduce.default._schema)
     assert "Tensor? tie_coef" in str(ns.channel_gate_apply.default._schema)
+    for name in ("spatial_pool", "spatial_grad_reduce", "spatial_pool_grad_reduce", "spatial_gate_apply"):
+        assert str(getattr(ns, name).default._schema).startswith(f"attn_kernels_cuda::{name}(")
 
 
 def test_build_info_records_architectures(extension):

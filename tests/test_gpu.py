@@ -27,22 +27,37 @@ def test_matches_reference(backend, dtype, layout, shape, add_maxpool, poisoned)
     check_kernel_against_reference(backend, x, "se", {"add_maxpool": add_maxpool})
 
 
+@pytest.mark.parametrize("shape", SHAPES[:4] + SHAPES[5:], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("block", ["cbam", "spatial_attn", "channel_attn"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_cbam_matches_reference(block, train, backend, dtype, layout, shape, poisoned):
+    x = make_x(shape, dtype, "cuda", layout, kind="relu")
+    check_kernel_against_reference(backend, x, block, train=train)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bitwise_deterministic(backend, layout, poisoned):
     x = make_x((8, 512, 28, 28), torch.bfloat16, "cuda", layout, kind="quantized")
     dy = make_x((8, 512, 28, 28), torch.bfloat16, "cuda", layout, seed=1)
-    _, fused = make_pair("se", 512, dtype=torch.bfloat16, device="cuda", add_maxpool=True)
-    first, second = run(fused, x, dy, backend), run(fused, x, dy, backend)
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
-    assert all(torch.equal(first[2][k], second[2][k]) for k in first[2])
+    for block, kwargs in (("se", {"add_maxpool": True}), ("cbam", {})):
+        _, fused = make_pair(block, 512, dtype=torch.bfloat16, device="cuda", **kwargs)
+        first, second = run(fused, x, dy, backend), run(fused, x, dy, backend)
+        assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+        grads = [k for k in first[2] if "running" not in k]  # running statistics move on each step
+        assert all(torch.equal(first[2][k], second[2][k]) for k in grads), block
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_backward_keeps_no_activation_sized_intermediate(backend):
-    """After forward, the graph holds y (the output) plus O(N*C): timm's eager SE holds more."""
+@pytest.mark.parametrize("block", ["se", "cbam"])
+def test_backward_keeps_no_activation_sized_intermediate(block, backend):
+    """After forward, the graph holds y (the output) plus O(N*C + N*H*W): timm's eager SE and CBAM
+    hold more (CBAM 2|x| besides y)."""
     x = make_x((32, 256, 56, 56), torch.bfloat16, "cuda", "channels_last").requires_grad_()
-    _, fused = make_pair("se", 256, dtype=torch.bfloat16, device="cuda")
+    _, fused = make_pair(block, 256, dtype=torch.bfloat16, device="cuda")
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     with attn_kernels.use_backend(backend):
@@ -50,7 +65,9 @@ def test_backward_keeps_no_activation_sized_intermediate(backend):
     torch.cuda.synchronize()
     held = torch.cuda.memory_allocated() - before
     x_bytes = x.numel() * x.element_size()
-    assert held <= x_bytes + 1024 * 1024, f"{held} bytes held for a {x_bytes}-byte output"
+    N, C, H, W = x.shape
+    small = 8 * 4 * (N * C + N * H * W)  # generous room for float32 statistics per channel and pixel
+    assert held <= x_bytes + small + 2**20, f"{held} bytes held for a {x_bytes}-byte output"
     del y
 
 

@@ -1,0 +1,410 @@
+// Spatial-gate primitives: CBAM (channel gate ca, then spatial gate sa) and its spatial attention
+// alone (no ca). The same contract as attn_kernels/triton/spatial_gate.py:
+//
+//   spatial_pool(x, ca) -> (mean, max, ties)                  reads x
+//       over C per pixel: mean and max of u = x*ca[n,c] (u = x without ca), and max's tie count
+//   spatial_grad_reduce(dy, x, ca, sa) -> (dsa, dca)          reads dy, x
+//       dsa[n,hw] = sum_c dy*u;  dca[n,c] = sum_hw dy*x*sa[n,hw] (empty without ca)
+//   spatial_pool_grad_reduce(x, ca, smax, pmean, pmax, cmax) -> (dca, cties)   reads x
+//       dca[n,c] = sum_hw x*(pmean[n,hw] + (u == smax[n,hw])*pmax[n,hw]);  cties = count(x == cmax[n,c])
+//   spatial_gate_apply(a, ca, sa, x, smax, pmean, pmax, cbias, cmax, ctie) -> out   reads a (x), writes out
+//       out = ca*(a*sa + pmean + (u == smax)*pmax) + cbias + (x == cmax)*ctie
+//
+// u is never written: each kernel recomputes it as acc_t(x) * ca, so ties found by one pass are
+// found again by the next. Per-pixel statistics are (N, H*W), per-channel ones (N, C), in the
+// accumulator type. Fixed reduction order, no atomics: bitwise reproducible.
+#include "reduce_hw.cuh"
+
+namespace attn_kernels {
+namespace {
+
+constexpr int kPixelsPerWarp = 16;  // NHWC reductions over C: pixels a warp walks per channel chunk
+
+// Folds (max, ties) of another partial into this one.
+template <typename acc_t>
+__device__ __forceinline__ void merge_max(acc_t& m, acc_t& ties, acc_t other_m, acc_t other_ties) {
+  if (other_m > m) {
+    m = other_m;
+    ties = other_ties;
+  } else if (other_m == m) {
+    ties += other_ties;
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void warp_merge_max(acc_t& m, acc_t& ties) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const acc_t other_m = __shfl_xor_sync(0xffffffffu, m, offset);
+    const acc_t other_ties = __shfl_xor_sync(0xffffffffu, ties, offset);
+    merge_max(m, ties, other_m, other_ties);
+  }
+}
+
+// Reduction over C per pixel, NCHW: a thread per pixel walks the channels (a warp reads 32
+// consecutive pixels of one channel). kGrad=false (a = x): first = mean_c u, max, ties.
+// kGrad=true (a = dy, b = x): first = sum_c dy*u and, with kHasCa, each warp's share of
+// sum_hw dy*x*sa per channel into dca_part[n, warp tile, c].
+template <bool kGrad, bool kHasCa, typename scalar_t, typename acc_t>
+__global__ void spatial_reduce_nchw_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                                           const acc_t* __restrict__ ca, const acc_t* __restrict__ sa,
+                                           acc_t* __restrict__ first, acc_t* __restrict__ xmax,
+                                           acc_t* __restrict__ ties, acc_t* __restrict__ dca_part, int64_t N,
+                                           int64_t C, int64_t HW) {
+  const int64_t tiles = (HW + 31) / 32;
+  const int64_t warp = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (warp >= N * tiles) return;  // whole warps leave together
+  const int lane = threadIdx.x % 32;
+  const int64_t n = warp / tiles, tile = warp - n * tiles;
+  const int64_t hw = tile * 32 + lane;
+  const bool valid = hw < HW;
+  const int64_t base = n * C * HW + (valid ? hw : 0);
+  acc_t sa_hw = 0;
+  if constexpr (kGrad) sa_hw = valid ? sa[n * HW + hw] : acc_t(0);
+
+  acc_t total = 0, m = -INFINITY, count = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t scale = kHasCa ? ca[n * C + c] : acc_t(1);
+    const acc_t va = valid ? static_cast<acc_t>(a[base + c * HW]) : acc_t(0);
+    if constexpr (kGrad) {
+      const acc_t p = valid ? va * static_cast<acc_t>(b[base + c * HW]) : acc_t(0);
+      total += p * scale;
+      if constexpr (kHasCa) {
+        const acc_t share = warp_sum(p * sa_hw);
+        if (lane == 0) dca_part[(n * tiles + tile) * C + c] = share;
+      }
+    } else {
+      const acc_t u = va * scale;
+      total += u;
+      merge_max(m, count, u, acc_t(1));
+    }
+  }
+  if (!valid) return;
+  if constexpr (kGrad) {
+    first[n * HW + hw] = total;
+  } else {
+    first[n * HW + hw] = total / static_cast<acc_t>(C);
+    xmax[n * HW + hw] = m;
+    ties[n * HW + hw] = count;
+  }
+}
+
+// Reduction over C per pixel, NHWC: a warp walks kPixelsPerWarp consecutive pixels of one sample,
+// 32 channels at a time (a coalesced read of each pixel's channels), each lane keeping per-pixel
+// partials that are reduced across the warp at the end. Same outputs as the NCHW kernel.
+template <bool kGrad, bool kHasCa, typename scalar_t, typename acc_t>
+__global__ void spatial_reduce_nhwc_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                                           const acc_t* __restrict__ ca, const acc_t* __restrict__ sa,
+                                           acc_t* __restrict__ first, acc_t* __restrict__ xmax,
+                                           acc_t* __restrict__ ties, acc_t* __restrict__ dca_part, int64_t N,
+                                           int64_t C, int64_t HW) {
+  const int64_t tiles = (HW + kPixelsPerWarp - 1) / kPixelsPerWarp;
+  const int64_t warp = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (warp >= N * tiles) return;  // whole warps leave together
+  const int lane = threadIdx.x % 32;
+  const int64_t n = warp / tiles, tile = warp - n * tiles;
+  const int64_t hw0 = tile * kPixelsPerWarp;
+
+  acc_t total[kPixelsPerWarp], m[kPixelsPerWarp], count[kPixelsPerWarp];
+#pragma unroll
+  for (int k = 0; k < kPixelsPerWarp; ++k) {
+    total[k] = 0;
+    m[k] = -INFINITY;
+    count[k] = 0;
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += 32) {
+    const int64_t c = c0 + lane;
+    const bool valid_c = c < C;
+    const acc_t scale = kHasCa ? (valid_c ? ca[n * C + c] : acc_t(0)) : acc_t(1);
+    acc_t dca_share = 0;
+#pragma unroll
+    for (int k = 0; k < kPixelsPerWarp; ++k) {
+      const int64_t hw = hw0 + k;
+      if (hw >= HW) break;  // the same for every lane
+      const int64_t offset = (n * HW + hw) * C + c;
+      const acc_t va = valid_c ? static_cast<acc_t>(a[offset]) : acc_t(0);
+      if constexpr (kGrad) {
+        const acc_t p = valid_c ? va * static_cast<acc_t>(b[offset]) : acc_t(0);
+        total[k] += p * scale;
+        if constexpr (kHasCa) dca_share += p * sa[n * HW + hw];
+      } else if (valid_c) {
+        const acc_t u = va * scale;
+        total[k] += u;
+        merge_max(m[k], count[k], u, acc_t(1));
+      }
+    }
+    if constexpr (kGrad && kHasCa) {
+      if (valid_c) dca_part[(n * tiles + tile) * C + c] = dca_share;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kPixelsPerWarp; ++k) {
+    const int64_t hw = hw0 + k;
+    if (hw >= HW) break;
+    const acc_t sum = warp_sum(total[k]);
+    if constexpr (!kGrad) warp_merge_max(m[k], count[k]);
+    if (lane == 0) {
+      first[n * HW + hw] = kGrad ? sum : sum / static_cast<acc_t>(C);
+      if constexpr (!kGrad) {
+        xmax[n * HW + hw] = m[k];
+        ties[n * HW + hw] = count[k];
+      }
+    }
+  }
+}
+
+// Runs a reduction over C; returns the (N, H*W) outputs and, for kGrad with ca, dca (N, C).
+template <bool kGrad>
+std::vector<at::Tensor> spatial_reduce(const at::Tensor& a, const at::Tensor& b, const at::Tensor* ca,
+                                       const at::Tensor* sa, Layout layout) {
+  const int64_t N = a.size(0), C = a.size(1), HW = a.size(2) * a.size(3);
+  const auto options = a.options().dtype(at::toAccumulateType(a.scalar_type(), true));
+  const int64_t per_warp = layout == Layout::kNHWC ? kPixelsPerWarp : 32;
+  const int64_t tiles = (HW + per_warp - 1) / per_warp;
+  at::Tensor first = at::empty({N, HW}, options);
+  at::Tensor xmax = kGrad ? at::Tensor() : at::empty({N, HW}, options);
+  at::Tensor ties = kGrad ? at::Tensor() : at::empty({N, HW}, options);
+  at::Tensor dca_part = kGrad && ca ? at::empty({N, tiles, C}, options) : at::Tensor();
+  const int64_t blocks = (N * tiles + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "spatial_reduce", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    const auto* a_ptr = a.data_ptr<scalar_t>();
+    const auto* b_ptr = kGrad ? b.data_ptr<scalar_t>() : nullptr;
+    const acc_t* ca_ptr = ca ? ca->data_ptr<acc_t>() : nullptr;
+    const acc_t* sa_ptr = sa ? sa->data_ptr<acc_t>() : nullptr;
+    acc_t* first_ptr = first.data_ptr<acc_t>();
+    acc_t* max_ptr = kGrad ? nullptr : xmax.data_ptr<acc_t>();
+    acc_t* ties_ptr = kGrad ? nullptr : ties.data_ptr<acc_t>();
+    acc_t* part_ptr = dca_part.defined() ? dca_part.data_ptr<acc_t>() : nullptr;
+    const auto launch = [&](auto has_ca) {
+      constexpr bool kHasCa = decltype(has_ca)::value;
+      if (layout == Layout::kNCHW) {
+        spatial_reduce_nchw_kernel<kGrad, kHasCa, scalar_t, acc_t><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+            a_ptr, b_ptr, ca_ptr, sa_ptr, first_ptr, max_ptr, ties_ptr, part_ptr, N, C, HW);
+      } else {
+        spatial_reduce_nhwc_kernel<kGrad, kHasCa, scalar_t, acc_t><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+            a_ptr, b_ptr, ca_ptr, sa_ptr, first_ptr, max_ptr, ties_ptr, part_ptr, N, C, HW);
+      }
+    };
+    if (ca) {
+      launch(std::true_type{});
+    } else {
+      launch(std::false_type{});
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (kGrad) return {first, dca_part.defined() ? dca_part.sum(1) : at::empty({0}, options)};
+  return {first, xmax, ties};
+}
+
+// out = ca*(a*sa + pmean + (u == smax)*pmax) + cbias + (x == cmax)*ctie, VEC elements a time;
+// VEC divides the contiguous dimension, so a pack has one channel (NCHW) or one pixel (NHWC).
+template <typename scalar_t, typename acc_t, int VEC, bool kHasCa, bool kSpatialGrad, bool kChannelGrad>
+__global__ void spatial_apply_kernel(const scalar_t* __restrict__ a, const acc_t* __restrict__ ca,
+                                     const acc_t* __restrict__ sa, const scalar_t* __restrict__ x,
+                                     const acc_t* __restrict__ smax, const acc_t* __restrict__ pmean,
+                                     const acc_t* __restrict__ pmax, const acc_t* __restrict__ cbias,
+                                     const acc_t* __restrict__ cmax, const acc_t* __restrict__ ctie,
+                                     scalar_t* __restrict__ out, int64_t numel, int64_t C, int64_t HW, bool nhwc) {
+  using P = Pack<scalar_t, VEC>;
+  const int64_t packs = numel / VEC;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < packs; p += stride) {
+    const int64_t i = p * VEC;
+    int64_t channel, pixel;  // (n, c) and (n, hw) indices of the pack's first element
+    if (nhwc) {
+      pixel = i / C;
+      const int64_t n = pixel / HW;
+      channel = n * C + (i - pixel * C);
+    } else {
+      channel = i / HW;
+      const int64_t n = channel / C;
+      pixel = n * HW + (i - channel * HW);
+    }
+    const P pa = *reinterpret_cast<const P*>(a + i);
+    P px;
+    if constexpr (kSpatialGrad) px = *reinterpret_cast<const P*>(x + i);
+    P po;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const int64_t ck = nhwc ? channel + k : channel;
+      const int64_t pk = nhwc ? pixel : pixel + k;
+      const acc_t scale = kHasCa ? ca[ck] : acc_t(1);
+      acc_t r = static_cast<acc_t>(pa.v[k]) * sa[pk];
+      if constexpr (kSpatialGrad) {
+        const acc_t xv = static_cast<acc_t>(px.v[k]);
+        r += pmean[pk] + (xv * scale == smax[pk] ? pmax[pk] : acc_t(0));
+        if constexpr (kHasCa) r *= scale;
+        if constexpr (kChannelGrad) r += cbias[ck] + (xv == cmax[ck] ? ctie[ck] : acc_t(0));
+      } else if constexpr (kHasCa) {
+        r *= scale;
+      }
+      po.v[k] = static_cast<scalar_t>(r);
+    }
+    *reinterpret_cast<P*>(out + i) = po;
+  }
+}
+
+struct ApplyArgs {
+  const at::Tensor* ca;
+  const at::Tensor* x;
+  const at::Tensor* smax;
+  const at::Tensor* pmean;
+  const at::Tensor* pmax;
+  const at::Tensor* cbias;
+  const at::Tensor* cmax;
+  const at::Tensor* ctie;
+};
+
+template <bool kHasCa, bool kSpatialGrad, bool kChannelGrad>
+void launch_spatial_apply(const at::Tensor& a, const at::Tensor& sa, const ApplyArgs& args, at::Tensor& out,
+                          Layout layout) {
+  const int64_t numel = a.numel(), C = a.size(1), HW = a.size(2) * a.size(3);
+  const int64_t contiguous_dim = layout == Layout::kNHWC ? C : HW;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "spatial_gate_apply", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const auto stat = [](const at::Tensor* t) { return t ? t->data_ptr<acc_t>() : nullptr; };
+    const auto* a_ptr = a.data_ptr<scalar_t>();
+    const auto* x_ptr = kSpatialGrad ? args.x->data_ptr<scalar_t>() : nullptr;
+    auto* out_ptr = out.data_ptr<scalar_t>();
+    const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+    const bool vectorize = contiguous_dim % kVec == 0 && aligned(a_ptr) && aligned(out_ptr) &&
+                           (!kSpatialGrad || aligned(x_ptr));
+    const int threads = 256;
+    const int64_t packs = numel / (vectorize ? kVec : 1);
+    const int64_t blocks = std::max<int64_t>(
+        1, std::min<int64_t>((packs + threads - 1) / threads, int64_t(num_sms()) * 32));
+    const bool nhwc = layout == Layout::kNHWC;
+const auto launch = [&](auto vec) {
+      spatial_apply_kernel<scalar_t, acc_t, decltype(vec)::value, kHasCa, kSpatialGrad, kChannelGrad>
+          <<<blocks, threads, 0, stream>>>(a_ptr, stat(args.ca), sa.data_ptr<acc_t>(), x_ptr, stat(args.smax),
+                                           stat(args.pmean), stat(args.pmax), stat(args.cbias), stat(args.cmax),
+                                           stat(args.ctie), out_ptr, numel, C, HW, nhwc);
+    };
+    if (vectorize) {
+      launch(std::integral_constant<int, kVec>{});
+    } else {
+      launch(std::integral_constant<int, 1>{});
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+const at::Tensor* ptr(const c10::optional<at::Tensor>& t) { return t.has_value() ? &*t : nullptr; }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(const at::Tensor& x, const c10::optional<at::Tensor>& ca) {
+  constexpr const char* op = "spatial_pool";
+  check_activation(op, x);
+  const Layout layout = layout_of(op, x, "x");
+  if (ca.has_value()) AK_CHECK_STAT(op, (*ca), x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.numel() == 0) {
+    const auto options = x.options().dtype(at::toAccumulateType(x.scalar_type(), true));
+    const int64_t HW = x.size(2) * x.size(3);
+    return {at::zeros({x.size(0), HW}, options), at::zeros({x.size(0), HW}, options),
+            at::zeros({x.size(0), HW}, options)};
+  }
+  const auto out = spatial_reduce<false>(x, x, ptr(ca), nullptr, layout);
+  return {out[0], out[1], out[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor> spatial_grad_reduce(const at::Tensor& dy, const at::Tensor& x,
+                                                       const c10::optional<at::Tensor>& ca, const at::Tensor& sa) {
+  constexpr const char* op = "spatial_grad_reduce";
+  check_activation(op, x);
+  AK_CHECK_SAME(op, x, dy);
+  const Layout layout = layout_of(op, x, "x");
+  AK_CHECK(layout_of(op, dy, "dy") == layout, op, "argument 'dy' must have the same memory format as 'x'");
+  if (ca.has_value()) AK_CHECK_STAT(op, (*ca), x);
+  AK_CHECK_PIXEL_STAT(op, sa, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.numel() == 0) {
+    const auto options = x.options().dtype(at::toAccumulateType(x.scalar_type(), true));
+    return {at::zeros({x.size(0), x.size(2) * x.size(3)}, options),
+            ca.has_value() ? at::zeros({x.size(0), x.size(1)}, options) : at::empty({0}, options)};
+  }
+  const auto out = spatial_reduce<true>(dy, x, ptr(ca), &sa, layout);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> spatial_pool_grad_reduce(const at::Tensor& x, const at::Tensor& ca,
+                                                            const at::Tensor& smax, const at::Tensor& pmean,
+                                                            const at::Tensor& pmax, const at::Tensor& cmax) {
+  constexpr const char* op = "spatial_pool_grad_reduce";
+  check_activation(op, x);
+  const Layout layout = layout_of(op, x, "x");
+  AK_CHECK_STAT(op, ca, x);
+  AK_CHECK_STAT(op, cmax, x);
+  AK_CHECK_PIXEL_STAT(op, smax, x);
+  AK_CHECK_PIXEL_STAT(op, pmean, x);
+  AK_CHECK_PIXEL_STAT(op, pmax, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.numel() == 0) {
+    const auto options = x.options().dtype(at::toAccumulateType(x.scalar_type(), true));
+    return {at::zeros({x.size(0), x.size(1)}, options), at::zeros({x.size(0), x.size(1)}, options)};
+  }
+  return reduce_pass<Reduce::kPoolGrad, true>(x, x, cmax, layout, {pmean, pmax, smax, ca});
+}
+
+at::Tensor spatial_gate_apply(const at::Tensor& a, const c10::optional<at::Tensor>& ca, const at::Tensor& sa,
+                              const c10::optional<at::Tensor>& x, const c10::optional<at::Tensor>& smax,
+                              const c10::optional<at::Tensor>& pmean, const c10::optional<at::Tensor>& pmax,
+                              const c10::optional<at::Tensor>& cbias, const c10::optional<at::Tensor>& cmax,
+                              const c10::optional<at::Tensor>& ctie) {
+  constexpr const char* op = "spatial_gate_apply";
+  check_activation(op, a);
+  const Layout layout = layout_of(op, a, "a");
+  const bool spatial_grad = x.has_value(), channel_grad = cbias.has_value();
+  AK_CHECK(smax.has_value() == spatial_grad && pmean.has_value() == spatial_grad && pmax.has_value() == spatial_grad,
+           op, "arguments 'x', 'smax', 'pmean' and 'pmax' must be given together or not at all");
+  AK_CHECK(cmax.has_value() == channel_grad && ctie.has_value() == channel_grad, op,
+           "arguments 'cbias', 'cmax' and 'ctie' must be given together or not at all");
+  AK_CHECK(!channel_grad || (ca.has_value() && spatial_grad), op,
+           "the channel terms 'cbias', 'cmax', 'ctie' need 'ca' and the spatial terms");
+  if (ca.has_value()) AK_CHECK_STAT(op, (*ca), a);
+  AK_CHECK_PIXEL_STAT(op, sa, a);
+  if (spatial_grad) {
+    AK_CHECK_SAME(op, a, (*x));
+    AK_CHECK(layout_of(op, *x, "x") == layout, op, "argument 'x' must have the same memory format as 'a'");
+    AK_CHECK_PIXEL_STAT(op, (*smax), a);
+    AK_CHECK_PIXEL_STAT(op, (*pmean), a);
+    AK_CHECK_PIXEL_STAT(op, (*pmax), a);
+  }
+  if (channel_grad) {
+    AK_CHECK_STAT(op, (*cbias), a);
+    AK_CHECK_STAT(op, (*cmax), a);
+    AK_CHECK_STAT(op, (*ctie), a);
+  }
+  const c10::cuda::CUDAGuard guard(a.device());
+  at::Tensor out = at::empty_like(a);  // a's exact strides, as the op's fake implementation promises
+  if (a.numel() == 0) return out;
+  const ApplyArgs args{ptr(ca), ptr(x), ptr(smax), ptr(pmean), ptr(pmax), ptr(cbias), ptr(cmax), ptr(ctie)};
+  if (channel_grad) {
+    launch_spatial_apply<true, true, true>(a, sa, args, out, layout);
+  } else if (spatial_grad) {
+    if (ca.has_value()) {
+      launch_spatial_apply<true, true, false>(a, sa, args, out, layout);
+    } else {
+      launch_spatial_apply<false, true, false>(a, sa, args, out, layout);
+    }
+  } else if (ca.has_value()) {
+    launch_spatial_apply<true, false, false>(a, sa, args, out, layout);
+  } else {
+    launch_spatial_apply<false, false, false>(a, sa, args, out, layout);
+  }
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(attn_kernels_cuda, CUDA, m) {
+  m.impl("spatial_pool", &spatial_pool);
+  m.impl("spatial_grad_reduce", &spatial_grad_reduce);
+  m.impl("spatial_pool_grad_reduce", &spatial_pool_grad_reduce);
+  m.impl("spatial_gate_apply", &spatial_gate_apply);
+}
+
+}  // namespace attn_kernels
