@@ -9,10 +9,10 @@
 """
 from . import functional, reference
 from .backends import BACKENDS, Dispatch, get_backend, set_backend, use_backend
-from .nn import FusedCBAM, FusedChannelAttn, FusedSE, FusedSpatialAttn
+from .nn import FusedCBAM, FusedCBAMOfficial, FusedChannelAttn, FusedSE, FusedSpatialAttn
 
 __version__ = "0.1.0"
 __all__ = [
-    "BACKENDS", "Dispatch", "FusedCBAM", "FusedChannelAttn", "FusedSE", "FusedSpatialAttn",
+    "BACKENDS", "Dispatch", "FusedCBAM", "FusedCBAMOfficial", "FusedChannelAttn", "FusedSE", "FusedSpatialAttn",
     "functional", "get_backend", "reference", "set_backend", "use_backend",
 ]

@@ -132,18 +132,26 @@ def channel_attn(
     fc2_weight: Tensor,
     fc2_bias: Optional[Tensor],
     *,
+    pool: str = "avg+max",
     act: Act = "relu",
     gate: Act = "sigmoid",
 ) -> Tensor:
     """CBAM's channel attention, as timm's ChannelAttn: x * gate(mlp(mean_hw(x)) + mlp(max_hw(x)))
-    with mlp(p) = fc2(act(fc1(p))) shared by both branches. Weights as in `se`."""
+    with mlp(p) = fc2(act(fc1(p))) shared by both branches; pool 'avg' or 'max' keeps one branch.
+    Weights are 1x1-conv (as in `se`) or linear (rd_channels, C) and (C, rd_channels)."""
     _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    _check_pool(pool)
     choice, act_name, gate_name = _gate_plan(x, act, gate)
     if choice.backend == "reference":
-        return reference.channel_attn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act=act, gate=gate)
+        return reference.channel_attn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool=pool, act=act, gate=gate)
     return channel_gate_forward(
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, "avg+max", act_name, gate_name, choice.backend
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, act_name, gate_name, choice.backend
     )[0]
+
+
+def _check_pool(pool):
+    if pool not in ("avg", "max", "avg+max"):
+        raise ValueError(f"pool must be 'avg', 'max' or 'avg+max', got {pool!r}")
 
 
 def _cbam_plan(x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, act, gate):
@@ -195,6 +203,7 @@ def cbam(
     bn_training: bool = False,
     bn_momentum: float = 0.1,
     bn_eps: float = 1e-5,
+    pool: str = "avg+max",
     act: Act = "relu",
     gate: Act = "sigmoid",
 ) -> Tensor:
@@ -208,17 +217,19 @@ def cbam(
     channel = fc1_weight is not None
     if channel:
         _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    _check_pool(pool)
     choice, act_name, gate_name = _cbam_plan(
         x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, act, gate
     )
     if choice.backend == "reference":
         return reference.cbam(
             x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_running_mean, bn_running_var,
-            bn_weight, bn_bias, bn_training=bn_training, bn_momentum=bn_momentum, bn_eps=bn_eps, act=act, gate=gate,
+            bn_weight, bn_bias, bn_training=bn_training, bn_momentum=bn_momentum, bn_eps=bn_eps, pool=pool, act=act,
+            gate=gate,
         )
     y, *_, bn_mean, bn_var = cbam_forward(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias,
-        bn_running_mean, bn_running_var, bn_training, bn_eps, act_name, gate_name, choice.backend,
+        bn_running_mean, bn_running_var, bn_training, bn_eps, pool, act_name, gate_name, choice.backend,
     )
     if bn_training and bn_running_mean is not None and bn_running_var is not None:
         count = x.shape[0] * x.shape[2] * x.shape[3]

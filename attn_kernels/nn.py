@@ -7,7 +7,7 @@ from . import functional as F
 from .activations import create_act_layer, kernel_activation_name
 from .backends import Dispatch
 
-__all__ = ["FusedCBAM", "FusedChannelAttn", "FusedSE", "FusedSpatialAttn", "make_divisible"]
+__all__ = ["FusedCBAM", "FusedCBAMOfficial", "FusedChannelAttn", "FusedSE", "FusedSpatialAttn", "make_divisible"]
 
 
 def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
@@ -113,13 +113,14 @@ class ConvBn(nn.Module):
     """A bias-free k x k conv and a BatchNorm2d: the parameters and state_dict keys of timm's
     ConvNormAct(in, out, k, apply_act=False) (conv.weight, bn.weight, bn.bias, bn.running_*)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, device=None, dtype=None):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bn_momentum: float = 0.1,
+                 device=None, dtype=None):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False, **dd)
-        self.bn = nn.BatchNorm2d(out_channels, **dd)
+        self.bn = nn.BatchNorm2d(out_channels, momentum=bn_momentum, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.bn(self.conv(x))
@@ -210,3 +211,69 @@ class FusedCBAM(nn.Module):
                                    gate=self.spatial.gate)
         return F.cbam_dispatch(x, self.spatial.conv.conv.weight, **_batch_norm_tensors(self.spatial.conv.bn),
                                act=self.channel.act, gate=self.channel.gate)
+
+
+class _OfficialChannelGate(nn.Module):
+    def __init__(self, gate_channels: int, reduction_ratio: int, pool_types, **dd):
+        super().__init__()
+        self.gate_channels = gate_channels
+        self.mlp = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(gate_channels, gate_channels // reduction_ratio, **dd),
+            nn.ReLU(),
+            nn.Linear(gate_channels // reduction_ratio, gate_channels, **dd),
+        )
+        self.pool_types = list(pool_types)
+
+
+class _OfficialSpatialGate(nn.Module):
+    def __init__(self, **dd):
+        super().__init__()
+        self.spatial = ConvBn(2, 1, 7, bn_momentum=0.01, **dd)
+
+
+class FusedCBAMOfficial(nn.Module):
+    """CBAM in the layout of the paper's official code (Jongchan/attention-module, MODELS/cbam.py):
+    CBAM(gate_channels, reduction_ratio=16, pool_types=['avg', 'max'], no_spatial=False), whose
+    state_dict it loads (ChannelGate.mlp.1/3 linear layers with bias, SpatialGate.spatial.conv/bn).
+
+    It differs from timm's CbamModule in the channel MLP (linear layers with bias, C // ratio
+    hidden units), the spatial pooling order ([max, mean]), BatchNorm momentum 0.01, pool_types
+    and no_spatial; the same fused op computes it. One difference from that code remains by design:
+    tied maxima share the max-pooling gradient equally (as torch.amax), where the official code's
+    max_pool2d and torch.max send it to one of them. Without ties the gradients are the same.
+    """
+
+    def __init__(self, gate_channels: int, reduction_ratio: int = 16, pool_types=("avg", "max"),
+                 no_spatial: bool = False, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        if not isinstance(gate_channels, int) or gate_channels < 1:
+            raise ValueError(f"gate_channels must be a positive int, got {gate_channels!r}")
+        if not pool_types or not set(pool_types) <= {"avg", "max"}:
+            raise ValueError(f"pool_types must hold 'avg' and/or 'max' (the fused kernels' pools), got {pool_types!r}")
+        self.ChannelGate = _OfficialChannelGate(gate_channels, reduction_ratio, pool_types, **dd)
+        self.no_spatial = no_spatial
+        if not no_spatial:
+            self.SpatialGate = _OfficialSpatialGate(**dd)
+
+    def _pool(self) -> str:
+        types = set(self.ChannelGate.pool_types)
+        return "avg+max" if types == {"avg", "max"} else types.pop()
+
+    def forward(self, x: Tensor) -> Tensor:
+        fc1, fc2 = self.ChannelGate.mlp[1], self.ChannelGate.mlp[3]
+        if self.no_spatial:
+            return F.channel_attn(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, pool=self._pool())
+        spatial = self.SpatialGate.spatial
+        # The official code pools [max, mean] over channels; the op takes [mean, max].
+        conv_weight = spatial.conv.weight.flip(1)
+        return F.cbam(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_weight,
+                      **_batch_norm_arguments(spatial.bn), pool=self._pool())
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        if self.no_spatial:
+            return F.gate_dispatch(x)
+        spatial = self.SpatialGate.spatial
+        return F.cbam_dispatch(x, spatial.conv.weight, **_batch_norm_tensors(spatial.bn))

@@ -41,6 +41,11 @@ def se(
     return x * _as_callable(gate)(x_se)
 
 
+def _conv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A 1x1-conv weight as is, a linear (out, in) weight as the equivalent 1x1-conv weight."""
+    return weight if weight.dim() == 4 else weight[:, :, None, None]
+
+
 def channel_attn(
     x: torch.Tensor,
     fc1_weight: torch.Tensor,
@@ -48,18 +53,24 @@ def channel_attn(
     fc2_weight: torch.Tensor,
     fc2_bias: Optional[torch.Tensor],
     *,
+    pool: str = "avg+max",
     act: Act = "relu",
     gate: Act = "sigmoid",
 ) -> torch.Tensor:
-    """timm.layers.cbam.ChannelAttn.forward: x * gate(mlp(mean_hw(x)) + mlp(max_hw(x)))."""
+    """timm.layers.cbam.ChannelAttn.forward: x * gate(mlp(mean_hw(x)) + mlp(max_hw(x))); pool
+    'avg' or 'max' keeps one branch (the official CBAM code's pool_types)."""
     act_fn = _as_callable(act)
 
     def mlp(p):
-        return F.conv2d(act_fn(F.conv2d(p, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)
+        hidden = act_fn(F.conv2d(p, _conv_weight(fc1_weight), fc1_bias))
+        return F.conv2d(hidden, _conv_weight(fc2_weight), fc2_bias)
 
-    x_avg = mlp(x.mean((2, 3), keepdim=True))
-    x_max = mlp(x.amax((2, 3), keepdim=True))
-    return x * _as_callable(gate)(x_avg + x_max)
+    branches = []
+    if pool in ("avg", "avg+max"):
+        branches.append(mlp(x.mean((2, 3), keepdim=True)))
+    if pool in ("max", "avg+max"):
+        branches.append(mlp(x.amax((2, 3), keepdim=True)))
+    return x * _as_callable(gate)(sum(branches[1:], branches[0]))
 
 
 def cbam(
@@ -77,13 +88,14 @@ def cbam(
     bn_training: bool = False,
     bn_momentum: float = 0.1,
     bn_eps: float = 1e-5,
+    pool: str = "avg+max",
     act: Act = "relu",
     gate: Act = "sigmoid",
 ) -> torch.Tensor:
     """timm.layers.cbam.CbamModule.forward (ChannelAttn then SpatialAttn); without fc1_weight,
     SpatialAttn.forward alone. The BN updates its running statistics in training, as F.batch_norm."""
     if fc1_weight is not None:
-        x = channel_attn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act=act, gate=gate)
+        x = channel_attn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool=pool, act=act, gate=gate)
     x_attn = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
     x_attn = F.conv2d(x_attn, conv_weight, padding=conv_weight.shape[-1] // 2)
     x_attn = F.batch_norm(x_attn, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, bn_momentum, bn_eps)

@@ -109,7 +109,7 @@ def op_args(backend, channel, train, device):
     fc = [torch.randn(4, 8, 1, 1, device=device), None, torch.randn(8, 4, 1, 1, device=device), None]
     spatial = [torch.randn(1, 2, 3, 3, device=device), torch.rand(1, device=device) + 0.5,
                torch.randn(1, device=device), torch.randn(1, device=device), torch.rand(1, device=device) + 0.5]
-    return x, (fc if channel else [None] * 4), spatial, (train, 1e-5, "relu", "sigmoid", backend)
+    return x, (fc if channel else [None] * 4), spatial, (train, 1e-5, "avg+max", "relu", "sigmoid", backend)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -233,3 +233,67 @@ def test_bad_input_names_the_argument():
         F.cbam(x, torch.randn(2, 6, 1, 1), None, torch.randn(6, 2, 1, 1), None, conv, *bn)
     with pytest.raises(ValueError, match="kernel_size must be a positive odd int"):
         attn_kernels.FusedSpatialAttn(kernel_size=4)
+
+
+def official_semantics(x, state, pool_types, no_spatial, training, running_stats):
+    """What the paper's official CBAM code computes, written out with torch.nn.functional from a
+    state_dict in its layout (pools as avg_pool2d/max_pool2d over the whole map, a linear MLP with
+    biases, spatial pooling in the order [max, mean], BatchNorm momentum 0.01)."""
+    import torch.nn.functional as tf
+
+    w1, b1 = state["ChannelGate.mlp.1.weight"], state["ChannelGate.mlp.1.bias"]
+    w2, b2 = state["ChannelGate.mlp.3.weight"], state["ChannelGate.mlp.3.bias"]
+    pooled = {"avg": tf.avg_pool2d(x, x.shape[2:]), "max": tf.max_pool2d(x, x.shape[2:])}
+    logits = sum(tf.linear(tf.relu(tf.linear(pooled[t].flatten(1), w1, b1)), w2, b2) for t in pool_types)
+    x = x * torch.sigmoid(logits)[:, :, None, None]
+    if no_spatial:
+        return x
+    maps = torch.cat([x.max(1, keepdim=True)[0], x.mean(1, keepdim=True)], 1)
+    z = tf.conv2d(maps, state["SpatialGate.spatial.conv.weight"], padding=3)
+    z = tf.batch_norm(z, *running_stats, state["SpatialGate.spatial.bn.weight"], state["SpatialGate.spatial.bn.bias"],
+                      training, 0.01, 1e-5)
+    return x * torch.sigmoid(z)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("pool_types, no_spatial", [(["avg", "max"], False), (["avg"], False), (["max"], False),
+                                                    (["avg", "max"], True)], ids=str)
+def test_official_layout_matches_the_papers_code(pool_types, no_spatial, train):
+    torch.manual_seed(0)
+    module = attn_kernels.FusedCBAMOfficial(32, reduction_ratio=4, pool_types=pool_types, no_spatial=no_spatial)
+    module = module.double().train(train)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+    keys = {"ChannelGate.mlp.1.weight", "ChannelGate.mlp.1.bias", "ChannelGate.mlp.3.weight", "ChannelGate.mlp.3.bias"}
+    if not no_spatial:
+        keys |= {"SpatialGate.spatial.conv.weight"} | {f"SpatialGate.spatial.bn.{k}" for k in
+                                                        ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+        module.SpatialGate.spatial.bn.running_var.fill_(1.5)
+    assert set(module.state_dict()) == keys
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    params = {k: v.requires_grad_() for k, v in state.items() if v.is_floating_point() and "running" not in k}
+    running = (state.get("SpatialGate.spatial.bn.running_mean"), state.get("SpatialGate.spatial.bn.running_var"))
+
+    x = torch.randn(2, 32, 5, 6, dtype=torch.float64)  # continuous values: no tied maxima
+    dy = torch.randn_like(x)
+    xe = x.clone().requires_grad_()
+    expected = official_semantics(xe, {**state, **params}, pool_types, no_spatial, train, running)
+    expected.backward(dy)
+    xf = x.clone().requires_grad_()
+    with attn_kernels.use_backend("triton"):
+        assert module.dispatch(xf).backend == "triton"
+        y = module(xf)
+    y.backward(dy)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xf.grad, xe.grad, rtol=1e-10, atol=1e-12)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-10, atol=1e-12, msg=name)
+    for name, b in module.named_buffers():
+        if "running" in name:
+            torch.testing.assert_close(b, state[name], rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_official_layout_refuses_pools_without_kernels():
+    with pytest.raises(ValueError, match="pool_types must hold 'avg' and/or 'max'"):
+        attn_kernels.FusedCBAMOfficial(16, pool_types=["avg", "lse"])

@@ -2,6 +2,7 @@
 contract here. Without the channel MLP (fc1_weight None) it is CBAM's spatial attention alone.
 
     ca = gate(MLP(mean_hw x) + MLP(max_hw x))                   per (n, c); ops/mlp.py, pool 'avg+max'
+                                                                 (or 'avg', 'max': the official code's pool_types)
     u  = x * ca                                                  never written to memory
     sa = gate(BN(conv_kxk([mean_c u, max_c u])))                 per (n, h, w)
     y  = u * sa
@@ -27,9 +28,6 @@ from ..activations import ACTIVATIONS
 from .channel_gate import same_layout_as
 from .mlp import excite, excite_backward
 from .primitives import acc_dtype, primitives
-
-_POOL = "avg+max"
-
 
 def _conv_maps(smean, smax, shape, conv_weight):
     """(maps, z): the pooled maps [mean_c u, max_c u] as (N, 2, H, W) and their k x k conv."""
@@ -60,6 +58,7 @@ def cbam_forward(
     bn_running_var: Tensor,
     bn_training: bool,
     bn_eps: float,
+    pool: str,
     act: str,
     gate: str,
     backend: str,
@@ -71,7 +70,7 @@ def cbam_forward(
     acc = acc_dtype(x.dtype)
     if fc1_weight is not None:
         cmean, cmax = ops.channel_pool(x, True)
-        ca = excite(_POOL, cmean, cmax, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate).gate
+        ca = excite(pool, cmean, cmax, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate).gate
     else:
         cmean, cmax = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
         ca = None
@@ -89,7 +88,7 @@ def cbam_forward(
 
 @cbam_forward.register_fake
 def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias, bn_running_mean,
-      bn_running_var, bn_training, bn_eps, act, gate, backend):
+      bn_running_var, bn_training, bn_eps, pool, act, gate, backend):
     acc = acc_dtype(x.dtype)
     N, C, H, W = x.shape
     channel = (N, C) if fc1_weight is not None else (0,)
@@ -123,6 +122,7 @@ def cbam_backward(
     bn_var: Tensor,
     bn_training: bool,
     bn_eps: float,
+    pool: str,
     act: str,
     gate: str,
     backend: str,
@@ -134,7 +134,7 @@ def cbam_backward(
     N, C, H, W = x.shape
     channel = fc1_weight is not None
     mlp_weights = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    e = excite(_POOL, cmean, cmax, *mlp_weights, act, gate) if channel else None
+    e = excite(pool, cmean, cmax, *mlp_weights, act, gate) if channel else None
     ca = e.gate if channel else None
     maps, z = _conv_maps(smean, smax, x.shape, conv_weight)
     invstd, normalized, logits = _batch_norm(z, bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
@@ -162,9 +162,11 @@ def cbam_backward(
     if channel:
         # Pass 2: the part of d ca that flows through the spatial pooling of u, and the channel ties.
         dca_pool, cties = ops.spatial_pool_grad_reduce(x, ca, smax, pmean, pmax, cmax)
-        dcmean, dcmax, *dmlp = excite_backward(_POOL, e, dca + dca_pool, *mlp_weights, act, gate)
-        # Pass 3.
-        dx = ops.spatial_gate_apply(dy, ca, sa, x, smax, pmean, pmax, dcmean / (H * W), cmax, dcmax / cties)
+        dcmean, dcmax, *dmlp = excite_backward(pool, e, dca + dca_pool, *mlp_weights, act, gate)
+        # Pass 3. A pool without the mean (or the max) contributes no term of its own.
+        cbias = dcmean / (H * W) if dcmean is not None else torch.zeros_like(cties)
+        ctie = dcmax / cties if dcmax is not None else torch.zeros_like(cties)
+        dx = ops.spatial_gate_apply(dy, ca, sa, x, smax, pmean, pmax, cbias, cmax, ctie)
     else:
         dmlp = [x.new_empty((0,), dtype=cmean.dtype) for _ in range(4)]
         dx = ops.spatial_gate_apply(dy, None, sa, x, smax, pmean, pmax, None, None, None)
@@ -179,7 +181,7 @@ def cbam_backward(
 
 @cbam_backward.register_fake
 def _(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias, cmean, cmax,
-      smean, smax, sties, bn_mean, bn_var, bn_training, bn_eps, act, gate, backend):
+      smean, smax, sties, bn_mean, bn_var, bn_training, bn_eps, pool, act, gate, backend):
     if fc1_weight is not None:
         dmlp = (
             torch.empty_like(fc1_weight),
@@ -195,12 +197,12 @@ def _(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight,
 
 def _setup_context(ctx, inputs, output):
     (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias, _, _,
-     bn_training, bn_eps, act, gate, backend) = inputs
+     bn_training, bn_eps, pool, act, gate, backend) = inputs
     _, cmean, cmax, smean, smax, sties, bn_mean, bn_var = output
     ctx.mark_non_differentiable(cmean, cmax, smean, smax, sties, bn_mean, bn_var)
     ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias,
                           cmean, cmax, smean, smax, sties, bn_mean, bn_var)
-    ctx.config = (bn_training, bn_eps, act, gate, backend)
+    ctx.config = (bn_training, bn_eps, pool, act, gate, backend)
 
 
 def _backward(ctx, dy, *_):
@@ -217,7 +219,7 @@ def _backward(ctx, dy, *_):
         dconv,
         dbn_weight,
         dbn_bias,
-        None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None,
     )
 
 
