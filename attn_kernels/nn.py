@@ -19,6 +19,13 @@ def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
     return new_v
 
 
+def _reduced_channels(channels, rd_ratio, rd_channels, rd_divisor) -> int:
+    """The bottleneck width of a channel MLP, as timm computes it."""
+    if not isinstance(channels, int) or channels < 1:
+        raise ValueError(f"channels must be a positive int, got {channels!r}")
+    return rd_channels or make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+
+
 class FusedSE(nn.Module):
     """Squeeze-and-Excitation, a drop-in for timm.layers.SEModule (same arguments and state_dict).
 
@@ -43,11 +50,8 @@ class FusedSE(nn.Module):
     ):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
-        if not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
         self.add_maxpool = add_maxpool
-        if not rd_channels:
-            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        rd_channels = _reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
         self.fc1 = nn.Conv2d(channels, rd_channels, kernel_size=1, bias=bias, **dd)
         self.bn = norm_layer(rd_channels, **dd) if norm_layer else nn.Identity()
         self.act = create_act_layer(act_layer, inplace=True, argument="act_layer")
@@ -89,10 +93,7 @@ class FusedChannelAttn(nn.Module):
     ):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
-        if not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"channels must be a positive int, got {channels!r}")
-        if not rd_channels:
-            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        rd_channels = _reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
         self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias, **dd)
         self.act = create_act_layer(act_layer, inplace=True, argument="act_layer")
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, **dd)

@@ -54,8 +54,6 @@ __global__ void gate_apply_kernel(const scalar_t* __restrict__ a, const acc_t* _
   }
 }
 
-bool aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
 template <bool kBias, bool kTies>
 void launch_gate_apply(const at::Tensor& a, const at::Tensor& gate, const at::Tensor* bias,
                        const at::Tensor* x, const at::Tensor* xmax, const at::Tensor* tie_coef,
@@ -70,13 +68,10 @@ void launch_gate_apply(const at::Tensor& a, const at::Tensor& gate, const at::Te
     const auto* a_ptr = a.data_ptr<scalar_t>();
     const auto* x_ptr = kTies ? x->data_ptr<scalar_t>() : nullptr;
     auto* out_ptr = out.data_ptr<scalar_t>();
-    const bool vectorize = contiguous_dim % kVec == 0 && aligned(a_ptr, 16) && aligned(out_ptr, 16) &&
-                           (!kTies || aligned(x_ptr, 16));
-    const int vec = vectorize ? kVec : 1;
-    const int threads = 256;
-    const int64_t packs = numel / vec;
-    const int64_t blocks = std::max<int64_t>(
-        1, std::min<int64_t>((packs + threads - 1) / threads, int64_t(num_sms()) * 32));
+    const bool vectorize =
+        contiguous_dim % kVec == 0 && aligned16(a_ptr) && aligned16(out_ptr) && (!kTies || aligned16(x_ptr));
+    const int64_t blocks = elementwise_blocks(numel / (vectorize ? kVec : 1));
+    const int threads = kElementwiseThreads;
     const acc_t* gate_ptr = gate.data_ptr<acc_t>();
     const acc_t* bias_ptr = kBias ? bias->data_ptr<acc_t>() : nullptr;
     const acc_t* xmax_ptr = kTies ? xmax->data_ptr<acc_t>() : nullptr;

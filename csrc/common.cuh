@@ -75,6 +75,16 @@ inline int num_sms() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
+// Elementwise kernels: 256 threads, a grid-stride loop over `packs` packs, at most 32 blocks per SM.
+constexpr int kElementwiseThreads = 256;
+inline int64_t elementwise_blocks(int64_t packs) {
+  const int64_t wanted = (packs + kElementwiseThreads - 1) / kElementwiseThreads;
+  return std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(num_sms()) * 32));
+}
+
+// Whether a pointer can be read with 16-byte vector instructions.
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll

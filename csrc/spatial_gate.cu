@@ -270,15 +270,12 @@ void launch_spatial_apply(const at::Tensor& a, const at::Tensor& sa, const Apply
     const auto* a_ptr = a.data_ptr<scalar_t>();
     const auto* x_ptr = kSpatialGrad ? args.x->data_ptr<scalar_t>() : nullptr;
     auto* out_ptr = out.data_ptr<scalar_t>();
-    const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-    const bool vectorize = contiguous_dim % kVec == 0 && aligned(a_ptr) && aligned(out_ptr) &&
-                           (!kSpatialGrad || aligned(x_ptr));
-    const int threads = 256;
-    const int64_t packs = numel / (vectorize ? kVec : 1);
-    const int64_t blocks = std::max<int64_t>(
-        1, std::min<int64_t>((packs + threads - 1) / threads, int64_t(num_sms()) * 32));
+    const bool vectorize =
+        contiguous_dim % kVec == 0 && aligned16(a_ptr) && aligned16(out_ptr) && (!kSpatialGrad || aligned16(x_ptr));
+    const int64_t blocks = elementwise_blocks(numel / (vectorize ? kVec : 1));
+    const int threads = kElementwiseThreads;
     const bool nhwc = layout == Layout::kNHWC;
-const auto launch = [&](auto vec) {
+    const auto launch = [&](auto vec) {
       spatial_apply_kernel<scalar_t, acc_t, decltype(vec)::value, kHasCa, kSpatialGrad, kChannelGrad>
           <<<blocks, threads, 0, stream>>>(a_ptr, stat(args.ca), sa.data_ptr<acc_t>(), x_ptr, stat(args.smax),
                                            stat(args.pmean), stat(args.pmax), stat(args.cbias), stat(args.cmax),
