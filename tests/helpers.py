@@ -112,3 +112,16 @@ def check_kernel_against_reference(backend, x, block="se", kwargs=None, train=Tr
         assert_close_to_reference(name, s_k[name], s_e[name], s_ref[name])
     # Outputs keep x's memory format: no hidden copy into another layout.
     assert y_k.stride() == x.stride() and dx_k.stride() == x.stride()
+
+
+def saved_for_backward(module, x, backend):
+    """The tensors autograd saves for backward in one forward of module on x."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with attn_kernels.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return saved

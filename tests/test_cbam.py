@@ -10,7 +10,7 @@ import torch
 import attn_kernels
 from attn_kernels import functional as F
 from attn_kernels.ops.cbam import cbam_backward, cbam_forward
-from helpers import block_args, check_kernel_against_reference, make_pair, make_x, run
+from helpers import block_args, check_kernel_against_reference, make_pair, make_x, run, saved_for_backward
 
 BLOCKS = ["channel_attn", "spatial_attn", "cbam"]
 LAYOUTS = ["nchw", "channels_last"]
@@ -150,14 +150,7 @@ def test_saves_only_x_and_small_statistics():
     """Backward keeps x plus O(N*C + N*H*W) tensors and the tiny weights: timm's CBAM keeps 2|x|."""
     x = make_x((2, 32, 8, 8)).requires_grad_()
     _, fused = pair("cbam", 32)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with attn_kernels.use_backend("triton"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fused(x)
+    saved = saved_for_backward(fused, x, "triton")
     activation_sized = [t for t in saved if t.numel() >= x.numel()]
     assert len(activation_sized) == 1 and activation_sized[0].data_ptr() == x.data_ptr()
     params = sum(p.numel() for p in fused.parameters())

@@ -10,7 +10,7 @@ from torch import nn
 import attn_kernels
 from attn_kernels import functional as F
 from attn_kernels.ops.channel_gate import channel_gate_backward, channel_gate_forward
-from helpers import check_kernel_against_reference, make_pair, make_x, run, timm_layers
+from helpers import check_kernel_against_reference, make_pair, make_x, run, saved_for_backward, timm_layers
 
 # (description, shape, SE constructor kwargs, x kind): small shapes for the interpreter.
 SAMPLES = [
@@ -171,14 +171,7 @@ def test_saves_only_x_and_per_channel_statistics():
     """Backward keeps x plus O(N*C) tensors (and the tiny weights): nothing else the size of x."""
     x = make_x((2, 32, 8, 8)).requires_grad_()
     _, fused = make_pair("se", 32, add_maxpool=True)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with attn_kernels.use_backend("triton"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fused(x)
+    saved = saved_for_backward(fused, x, "triton")
     activation_sized = [t for t in saved if t.numel() >= x.numel()]
     assert len(activation_sized) == 1 and activation_sized[0].data_ptr() == x.data_ptr()
     params = sum(p.numel() for p in fused.parameters())
