@@ -22,6 +22,10 @@ class Activation(NamedTuple):
     derivative: Callable[[torch.Tensor], torch.Tensor]
 
 
+# PyTorch's hardsigmoid backward scales by 1/6 rounded to float32 in every dtype; so do we.
+_ONE_SIXTH = float(torch.tensor(1 / 6, dtype=torch.float32))
+
+
 def _silu_derivative(h):
     s = torch.sigmoid(h)
     return s * (1 + h * (1 - s))
@@ -43,7 +47,7 @@ ACTIVATIONS = {
     "gelu": Activation(F.gelu, _gelu_derivative),
     "tanh": Activation(torch.tanh, lambda h: 1 - torch.tanh(h) ** 2),
     "sigmoid": Activation(torch.sigmoid, lambda h: torch.sigmoid(h) * (1 - torch.sigmoid(h))),
-    "hard_sigmoid": Activation(F.hardsigmoid, lambda h: ((h > -3) & (h < 3)).to(h.dtype) / 6),
+    "hard_sigmoid": Activation(F.hardsigmoid, lambda h: ((h > -3) & (h < 3)).to(h.dtype) * _ONE_SIXTH),
     "hard_swish": Activation(F.hardswish, _hardswish_derivative),
 }
 

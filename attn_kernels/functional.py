@@ -3,7 +3,7 @@
 Each function has the signature of its reference in attn_kernels.reference and computes the same
 thing; the modules in attn_kernels.nn call these.
 """
-from typing import Callable, Optional, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -13,10 +13,14 @@ from .activations import ACTIVATIONS, kernel_activation_name
 from .backends import Dispatch, dispatch
 from .ops.cbam import cbam_forward
 from .ops.channel_gate import channel_gate_forward
+from .ops.gc import gc_forward
+from .ops.primitives import ATTENTION_POOL_MAX_CHANNELS
 
 Act = Union[str, Callable[[Tensor], Tensor]]
 
-__all__ = ["cbam", "cbam_dispatch", "channel_attn", "gate_dispatch", "se"]
+__all__ = [
+    "cbam", "cbam_dispatch", "channel_attn", "eca", "eca_dispatch", "gate_dispatch", "gc", "gc_dispatch", "se",
+]
 
 
 def _kernel_name(act: Act, argument: str) -> Optional[str]:
@@ -121,7 +125,7 @@ def se(
         )
     pool = "mix" if add_maxpool else "avg"
     return channel_gate_forward(
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, act_name, gate_name, choice.backend
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, "mlp", act_name, gate_name, choice.backend
     )[0]
 
 
@@ -145,8 +149,88 @@ def channel_attn(
     if choice.backend == "reference":
         return reference.channel_attn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool=pool, act=act, gate=gate)
     return channel_gate_forward(
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, act_name, gate_name, choice.backend
+        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, "mlp", act_name, gate_name, choice.backend
     )[0]
+
+
+def _check_eca(x, conv_weight, conv_bias, conv2_weight, conv2_bias, circular):
+    _check_activation_input(x)
+
+    def shape_of(t):
+        return tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+
+    if conv2_weight is None:
+        if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 3 or conv_weight.shape[:2] != (1, 1) \
+                or conv_weight.shape[2] % 2 == 0:
+            raise ValueError(f"conv_weight must be a (1, 1, k) tensor with odd k, got {shape_of(conv_weight)}")
+        taps = conv_weight
+        _check_tensor("conv_bias", conv_bias, (1,), x, optional=True)
+    else:
+        if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 3 or conv_weight.shape[1:] != (1, 1):
+            raise ValueError(f"conv_weight must be a (rd_channels, 1, 1) tensor with conv2_weight, got {shape_of(conv_weight)}")
+        rd_channels = conv_weight.shape[0]
+        if not isinstance(conv2_weight, Tensor) or conv2_weight.dim() != 3 \
+                or conv2_weight.shape[:2] != (1, rd_channels) or conv2_weight.shape[2] % 2 == 0:
+            raise ValueError(
+                f"conv2_weight must be a (1, {rd_channels}, k) tensor with odd k, got {shape_of(conv2_weight)}"
+            )
+        taps = conv2_weight
+        _check_tensor("conv_bias", conv_bias, (rd_channels,), x, optional=True)
+        _check_tensor("conv2_weight", conv2_weight, tuple(conv2_weight.shape), x)
+        _check_tensor("conv2_bias", conv2_bias, (1,), x, optional=True)
+    _check_tensor("conv_weight", conv_weight, tuple(conv_weight.shape), x)
+    pad = taps.shape[-1] // 2
+    if circular and x.shape[1] < pad:
+        raise ValueError(
+            f"x has {x.shape[1]} channels; circular padding by {pad} (kernel size {taps.shape[-1]}) needs at least {pad}"
+        )
+
+
+def _eca_plan(x, conv2_weight, act, gate):
+    """(dispatch, act kernel name, gate kernel name) for eca() on x; the act only acts with conv2."""
+    act_name = _kernel_name(act, "act") if conv2_weight is not None else "identity"
+    gate_name = _kernel_name(gate, "gate")
+    reason = None
+    if act_name is None:
+        reason = f"act {act!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+    elif gate_name is None:
+        reason = f"gate {gate!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+    return dispatch(x, reason), act_name, gate_name
+
+
+def eca_dispatch(x: Tensor, *, conv2_weight: Optional[Tensor] = None, act: Act = "relu", gate: Act = "sigmoid") -> Dispatch:
+    """Which backend eca() runs on x with this configuration, and why others were passed over."""
+    return _eca_plan(x, conv2_weight, act, gate)[0]
+
+
+def eca(
+    x: Tensor,
+    conv_weight: Tensor,
+    conv_bias: Optional[Tensor],
+    conv2_weight: Optional[Tensor] = None,
+    conv2_bias: Optional[Tensor] = None,
+    *,
+    circular: bool = False,
+    act: Act = "relu",
+    gate: Act = "sigmoid",
+) -> Tensor:
+    """Efficient Channel Attention, as timm's EcaModule (CecaModule with circular=True):
+    x * gate(conv1d across the channels of mean_hw(x)), with Conv1d(1, 1, k) weight (1, 1, k).
+
+    With conv2_weight, EcaModule's use_mlp form: conv_weight (R, 1, 1) and conv_bias (R,) make R
+    maps of the pooled vector, `act` acts on them, and conv2_weight (1, R, k) with conv2_bias (1,)
+    mixes them across channels. `act` is unused without conv2_weight.
+    """
+    _check_eca(x, conv_weight, conv_bias, conv2_weight, conv2_bias, circular)
+    choice, act_name, gate_name = _eca_plan(x, conv2_weight, act, gate)
+    if choice.backend == "reference":
+        return reference.eca(x, conv_weight, conv_bias, conv2_weight, conv2_bias, circular=circular, act=act, gate=gate)
+    if conv2_weight is None:
+        first, second = (None, None), (conv_weight, conv_bias)
+    else:
+        first, second = (conv_weight, conv_bias), (conv2_weight, conv2_bias)
+    mix = "circular_conv" if circular else "conv"
+    return channel_gate_forward(x, *first, *second, "avg", mix, act_name, gate_name, choice.backend)[0]
 
 
 def _check_pool(pool):
@@ -239,3 +323,84 @@ def cbam(
                 bn_var.to(bn_running_var.dtype) * (count / (count - 1)), alpha=bn_momentum
             )
     return y
+
+
+_GC_WEIGHT_NAMES = ("fc1_weight", "fc1_bias", "ln_weight", "ln_bias", "fc2_weight", "fc2_bias")
+
+
+def _check_gc_transform(name: str, weights, x) -> List[Tensor]:
+    """A GC transform's six tensors (see ops/gc.py) as a list; [] when absent."""
+    if weights is None:
+        return []
+    weights = list(weights)
+    if len(weights) != 6:
+        raise ValueError(f"{name} must hold the 6 tensors {', '.join(_GC_WEIGHT_NAMES)}, got {len(weights)}")
+    w1 = weights[0]
+    if not isinstance(w1, Tensor) or w1.dim() != 4 or w1.shape[1:] != (x.shape[1], 1, 1):
+        raise ValueError(
+            f"{name}[0] (fc1_weight) must be a (rd_channels, {x.shape[1]}, 1, 1) tensor, got "
+            f"{tuple(w1.shape) if isinstance(w1, Tensor) else type(w1).__name__}"
+        )
+    R, C = w1.shape[0], x.shape[1]
+    # LayerNorm affine parameters: (R,) from timm's LayerNorm2d, (R, 1, 1) from mmcv's LayerNorm([R, 1, 1]).
+    ln_shape = (R, 1, 1) if isinstance(weights[2], Tensor) and weights[2].dim() == 3 else (R,)
+    for i, shape in enumerate([(R, C, 1, 1), (R,), ln_shape, ln_shape, (C, R, 1, 1), (C,)]):
+        _check_tensor(f"{name}[{i}] ({_GC_WEIGHT_NAMES[i]})", weights[i], shape, x)
+    return weights
+
+
+def _gc_plan(x, attn_weight, attn_bias, scale_weights, add_weights, act, gate):
+    """(dispatch, act name, gate name, scale list, add list) for gc() on x with this configuration."""
+    _check_activation_input(x)
+    if attn_weight is not None:
+        _check_tensor("attn_weight", attn_weight, (1, x.shape[1], 1, 1), x)
+        _check_tensor("attn_bias", attn_bias, (1,), x, optional=True)
+    scale = _check_gc_transform("scale_weights", scale_weights, x)
+    add = _check_gc_transform("add_weights", add_weights, x)
+    act_name, gate_name = _kernel_name(act, "act"), _kernel_name(gate, "gate")
+    reason = None
+    if not scale and not add:
+        reason = "neither a scale nor an add transform: the block returns x, there is nothing to fuse"
+    elif attn_weight is not None and x.shape[1] > ATTENTION_POOL_MAX_CHANNELS:
+        reason = (f"x has {x.shape[1]} channels; the attention-pooling kernels hold a pixel's channels on chip "
+                  f"and take at most {ATTENTION_POOL_MAX_CHANNELS}")
+    elif act_name is None:
+        reason = f"act {act!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+    elif gate_name is None and scale:
+        reason = f"gate {gate!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+    return dispatch(x, reason), act_name, gate_name or "sigmoid", scale, add
+
+
+def gc_dispatch(x: Tensor, attn_weight: Optional[Tensor] = None, attn_bias: Optional[Tensor] = None,
+                scale_weights: Optional[Sequence[Tensor]] = None, add_weights: Optional[Sequence[Tensor]] = None,
+                *, act: Act = "relu", gate: Act = "sigmoid") -> Dispatch:
+    """Which backend gc() runs on x with these weights, and why others were passed over."""
+    return _gc_plan(x, attn_weight, attn_bias, scale_weights, add_weights, act, gate)[0]
+
+
+def gc(
+    x: Tensor,
+    attn_weight: Optional[Tensor],
+    attn_bias: Optional[Tensor],
+    scale_weights: Optional[Sequence[Tensor]],
+    add_weights: Optional[Sequence[Tensor]],
+    *,
+    scale_eps: float = 1e-6,
+    add_eps: float = 1e-6,
+    act: Act = "relu",
+    gate: Act = "sigmoid",
+) -> Tensor:
+    """Global context attention, as timm's GlobalContext (mmcv's ContextBlock through options):
+    y = x * gate(t_scale(context)) + t_add(context), the context pooled by attention (softmax over
+    H*W of the 1x1 conv attn_weight (1, C, 1, 1), attn_bias (1,)) or, without attn_weight, the mean.
+
+    A transform is the list [fc1_weight, fc1_bias, ln_weight, ln_bias, fc2_weight, fc2_bias]:
+    fc1 (R, C, 1, 1), LayerNorm over the R hidden channels (affine (R,) or (R, 1, 1), eps
+    scale_eps / add_eps), act, fc2 (C, R, 1, 1); None leaves the term out.
+    """
+    choice, act_name, gate_name, scale, add = _gc_plan(x, attn_weight, attn_bias, scale_weights, add_weights, act, gate)
+    if choice.backend == "reference":
+        return reference.gc(x, attn_weight, attn_bias, scale, add, scale_eps=scale_eps, add_eps=add_eps, act=act,
+                            gate=gate)
+    return gc_forward(x, attn_weight, attn_bias, scale, add, scale_eps, add_eps, act_name, gate_name,
+                      choice.backend)[0]

@@ -1,4 +1,5 @@
 """Drop-in modules: the constructors, submodules and state_dict keys of timm's, fused kernels inside."""
+import math
 from typing import Optional, Type, Union
 
 from torch import Tensor, nn
@@ -7,7 +8,10 @@ from . import functional as F
 from .activations import create_act_layer, kernel_activation_name
 from .backends import Dispatch
 
-__all__ = ["FusedCBAM", "FusedCBAMOfficial", "FusedChannelAttn", "FusedSE", "FusedSpatialAttn", "make_divisible"]
+__all__ = [
+    "FusedCBAM", "FusedCBAMOfficial", "FusedCECA", "FusedChannelAttn", "FusedContextBlock", "FusedECA",
+    "FusedECAOfficial", "FusedGC", "FusedSE", "FusedSpatialAttn", "make_divisible",
+]
 
 
 def make_divisible(v, divisor=8, min_value=None, round_limit=0.9):
@@ -73,6 +77,133 @@ class FusedSE(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.fc1.in_channels}, rd_channels={self.fc1.out_channels}, add_maxpool={self.add_maxpool}"
+
+
+def _eca_kernel_size(channels, kernel_size, gamma, beta) -> int:
+    """timm's ECA kernel size: from the channel count when it is given (odd, at least 3)."""
+    if channels is not None:
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int or None, got {channels!r}")
+        t = int(abs(math.log(channels, 2) + beta) / gamma)
+        kernel_size = max(t if t % 2 else t + 1, 3)
+    if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+    return kernel_size
+
+
+class FusedECA(nn.Module):
+    """Efficient Channel Attention, a drop-in for timm.layers.EcaModule (same arguments and
+    state_dict): y = x * gate(conv1d_k(mean_hw(x))) with the conv across channels, zero padded.
+
+    The kernel size comes from `channels` by timm's rule when channels is given. use_mlp is
+    timm's experiment: conv (1 -> rd_channels maps, 1x1), act, conv2 (rd_channels -> 1, k taps).
+    The fused path is the SE one (ops/channel_gate.py): 3|x| forward, 4|x| backward.
+    """
+
+    def __init__(
+        self,
+        channels: Optional[int] = None,
+        kernel_size: int = 3,
+        gamma: float = 2,
+        beta: float = 1,
+        act_layer: Optional[Union[str, Type[nn.Module]]] = None,
+        gate_layer: Union[str, Type[nn.Module]] = "sigmoid",
+        rd_ratio: float = 1 / 8,
+        rd_channels: Optional[int] = None,
+        rd_divisor: int = 8,
+        use_mlp: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        kernel_size = _eca_kernel_size(channels, kernel_size, gamma, beta)
+        padding = (kernel_size - 1) // 2
+        if use_mlp:
+            if channels is None:
+                raise ValueError("use_mlp=True needs channels (the hidden width derives from it)")
+            rd_channels = rd_channels or make_divisible(channels * rd_ratio, divisor=rd_divisor)
+            self.conv = nn.Conv1d(1, rd_channels, kernel_size=1, padding=0, bias=True, **dd)
+            self.act = create_act_layer(act_layer or nn.ReLU, argument="act_layer")
+            self.conv2 = nn.Conv1d(rd_channels, 1, kernel_size=kernel_size, padding=padding, bias=True, **dd)
+        else:
+            self.conv = nn.Conv1d(1, 1, kernel_size=kernel_size, padding=padding, bias=False, **dd)
+            self.act = None
+            self.conv2 = None
+        self.gate = create_act_layer(gate_layer, argument="gate_layer")
+
+    def _conv2(self):
+        return (self.conv2.weight, self.conv2.bias) if self.conv2 is not None else (None, None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.eca(x, self.conv.weight, self.conv.bias, *self._conv2(), act=self.act, gate=self.gate)
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        return F.eca_dispatch(x, conv2_weight=self._conv2()[0], act=self.act, gate=self.gate)
+
+    def extra_repr(self) -> str:
+        taps = self.conv2 if self.conv2 is not None else self.conv
+        mlp = f", use_mlp=True, rd_channels={self.conv.out_channels}" if self.conv2 is not None else ""
+        return f"kernel_size={taps.kernel_size[0]}{mlp}"
+
+
+class FusedCECA(nn.Module):
+    """Circular ECA, a drop-in for timm.layers.CecaModule (same arguments and state_dict): ECA whose
+    conv across channels wraps around (circular padding). As in timm, act_layer only gives the
+    conv a bias; no activation is applied."""
+
+    def __init__(
+        self,
+        channels: Optional[int] = None,
+        kernel_size: int = 3,
+        gamma: float = 2,
+        beta: float = 1,
+        act_layer: Optional[Union[str, Type[nn.Module]]] = None,
+        gate_layer: Union[str, Type[nn.Module]] = "sigmoid",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        kernel_size = _eca_kernel_size(channels, kernel_size, gamma, beta)
+        self.padding = (kernel_size - 1) // 2
+        self.conv = nn.Conv1d(1, 1, kernel_size=kernel_size, padding=0, bias=act_layer is not None,
+                              device=device, dtype=dtype)
+        self.gate = create_act_layer(gate_layer, argument="gate_layer")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.eca(x, self.conv.weight, self.conv.bias, circular=True, gate=self.gate)
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        return F.eca_dispatch(x, gate=self.gate)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.conv.kernel_size[0]}, circular=True"
+
+
+class FusedECAOfficial(nn.Module):
+    """ECA in the layout of the paper's official code (BangguWu/ECANet, models/eca_module.py):
+    eca_layer(channel, k_size=3), whose state_dict it loads (conv.weight, a bias-free Conv1d(1, 1,
+    k_size)); the kernel size is k_size as given, not derived from channel."""
+
+    def __init__(self, channel: int, k_size: int = 3, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(channel, int) or channel < 1:
+            raise ValueError(f"channel must be a positive int, got {channel!r}")
+        k_size = _eca_kernel_size(None, k_size, 2, 1)
+        self.conv = nn.Conv1d(1, 1, kernel_size=k_size, padding=(k_size - 1) // 2, bias=False,
+                              device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.eca(x, self.conv.weight, None)
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        return F.eca_dispatch(x)
+
+    def extra_repr(self) -> str:
+        return f"k_size={self.conv.kernel_size[0]}"
 
 
 class FusedChannelAttn(nn.Module):
@@ -278,3 +409,190 @@ class FusedCBAMOfficial(nn.Module):
             return F.gate_dispatch(x)
         spatial = self.SpatialGate.spatial
         return F.cbam_dispatch(x, spatial.conv.weight, **_batch_norm_tensors(spatial.bn))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm.layers.LayerNorm2d: LayerNorm over the channels of an NCHW tensor (eps 1e-6)."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6, affine: bool = True, **kwargs):
+        super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvMlp(nn.Module):
+    """timm.layers.ConvMlp as GlobalContext builds it: fc1 (1x1 conv), LayerNorm2d, act, dropout
+    (p = 0), fc2; its submodule names are the state_dict keys."""
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer, device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.fc1 = nn.Conv2d(in_features, hidden_features, kernel_size=1, bias=True, **dd)
+        self.norm = LayerNorm2d(hidden_features, **dd)
+        self.act = create_act_layer(act_layer, argument="act_layer")
+        self.drop = nn.Dropout(0.0)
+        self.fc2 = nn.Conv2d(hidden_features, in_features, kernel_size=1, bias=True, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(self.act(self.norm(self.fc1(x)))))
+
+    def weights(self):
+        """The transform's tensors as attn_kernels.functional.gc takes them."""
+        return [self.fc1.weight, self.fc1.bias, self.norm.weight, self.norm.bias, self.fc2.weight, self.fc2.bias]
+
+
+class FusedGC(nn.Module):
+    """Global context attention (GCNet), a drop-in for timm.layers.GlobalContext (same arguments
+    and state_dict): context = attention pooling of x (softmax over H*W of conv_attn(x)), or its
+    mean without use_attn; y = x * gate(mlp_scale(context)) (fuse_scale) + mlp_add(context) (fuse_add).
+
+    The attention pooling reads x once (an online softmax); forward moves 3|x|, backward at most 5|x|.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        use_attn: bool = True,
+        fuse_add: bool = False,
+        fuse_scale: bool = True,
+        init_last_zero: bool = False,
+        rd_ratio: float = 1.0 / 8,
+        rd_channels: Optional[int] = None,
+        rd_divisor: int = 1,
+        act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
+        gate_layer: Union[str, Type[nn.Module]] = "sigmoid",
+        device=None,
+        dtype=None,
+    ):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.conv_attn = nn.Conv2d(channels, 1, kernel_size=1, bias=True, **dd) if use_attn else None
+        rd_channels = _reduced_channels(channels, rd_ratio, rd_channels, rd_divisor)
+        self.mlp_add = ConvMlp(channels, rd_channels, act_layer, **dd) if fuse_add else None
+        self.mlp_scale = ConvMlp(channels, rd_channels, act_layer, **dd) if fuse_scale else None
+        self.gate = create_act_layer(gate_layer, argument="gate_layer")
+        self.init_last_zero = init_last_zero
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """timm's initialization (init_last_zero is stored but, as in timm, not consulted)."""
+        if self.conv_attn is not None:
+            nn.init.kaiming_normal_(self.conv_attn.weight, mode="fan_in", nonlinearity="relu")
+        if self.mlp_add is not None:
+            nn.init.zeros_(self.mlp_add.fc2.weight)
+
+    def _arguments(self) -> dict:
+        """conv_attn and the transforms as attn_kernels.functional.gc takes them."""
+        mlps = [m for m in (self.mlp_scale, self.mlp_add) if m is not None]
+        if len(mlps) == 2 and type(mlps[0].act) is not type(mlps[1].act):
+            raise ValueError(
+                f"mlp_scale.act ({type(mlps[0].act).__name__}) and mlp_add.act ({type(mlps[1].act).__name__}) "
+                "differ; FusedGC applies one activation to both transforms, as timm builds them"
+            )
+        return {
+            "attn_weight": self.conv_attn.weight if self.conv_attn is not None else None,
+            "attn_bias": self.conv_attn.bias if self.conv_attn is not None else None,
+            "scale_weights": self.mlp_scale.weights() if self.mlp_scale is not None else None,
+            "add_weights": self.mlp_add.weights() if self.mlp_add is not None else None,
+            "act": mlps[0].act if mlps else "relu",
+            "gate": self.gate,
+        }
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gc(
+            x, **self._arguments(),
+            scale_eps=self.mlp_scale.norm.eps if self.mlp_scale is not None else 1e-6,
+            add_eps=self.mlp_add.norm.eps if self.mlp_add is not None else 1e-6,
+        )
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        return F.gc_dispatch(x, **self._arguments())
+
+    def extra_repr(self) -> str:
+        mlp = self.mlp_scale or self.mlp_add
+        rd = f", rd_channels={mlp.fc1.out_channels}" if mlp is not None else ""
+        return (f"use_attn={self.conv_attn is not None}, fuse_add={self.mlp_add is not None}, "
+                f"fuse_scale={self.mlp_scale is not None}{rd}")
+
+
+def _context_transform(in_channels: int, planes: int, **dd) -> nn.Sequential:
+    """mmcv's channel_add_conv / channel_mul_conv: conv, LayerNorm([planes, 1, 1]), ReLU, conv."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, planes, kernel_size=1, **dd),
+        nn.LayerNorm([planes, 1, 1], **dd),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(planes, in_channels, kernel_size=1, **dd),
+    )
+
+
+def _transform_weights(seq: Optional[nn.Sequential]):
+    if seq is None:
+        return None
+    return [seq[0].weight, seq[0].bias, seq[1].weight, seq[1].bias, seq[3].weight, seq[3].bias]
+
+
+class FusedContextBlock(nn.Module):
+    """GCNet's context block in mmcv's layout, a drop-in for mmcv.cnn.ContextBlock(in_channels,
+    ratio, pooling_type='att', fusion_types=('channel_add',)) whose state_dict it loads
+    (conv_mask, channel_add_conv.0/1/3, channel_mul_conv.0/1/3; LayerNorm over [planes, 1, 1],
+    eps 1e-5): y = x * sigmoid(channel_mul(context)) + channel_add(context), on FusedGC's op."""
+
+    def __init__(self, in_channels: int, ratio: float, pooling_type: str = "att",
+                 fusion_types=("channel_add",), device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+        if pooling_type not in ("avg", "att"):
+            raise ValueError(f"pooling_type must be 'avg' or 'att', got {pooling_type!r}")
+        if not isinstance(fusion_types, (list, tuple)) or not fusion_types \
+                or not set(fusion_types) <= {"channel_add", "channel_mul"}:
+            raise ValueError(f"fusion_types must be a non-empty list of 'channel_add' and/or 'channel_mul', "
+                             f"got {fusion_types!r}")
+        self.in_channels = in_channels
+        self.ratio = ratio
+        self.planes = int(in_channels * ratio)
+        if self.planes < 1:
+            raise ValueError(f"in_channels * ratio must be at least 1, got {in_channels} * {ratio}")
+        self.pooling_type = pooling_type
+        self.fusion_types = fusion_types
+        if pooling_type == "att":
+            self.conv_mask = nn.Conv2d(in_channels, 1, kernel_size=1, **dd)
+        self.channel_add_conv = _context_transform(in_channels, self.planes, **dd) if "channel_add" in fusion_types else None
+        self.channel_mul_conv = _context_transform(in_channels, self.planes, **dd) if "channel_mul" in fusion_types else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """mmcv's initialization: Kaiming-normal conv_mask (fan_in, zero bias), zero last convs."""
+        if self.pooling_type == "att":
+            nn.init.kaiming_normal_(self.conv_mask.weight, mode="fan_in", nonlinearity="relu")
+            nn.init.zeros_(self.conv_mask.bias)
+        for seq in (self.channel_add_conv, self.channel_mul_conv):
+            if seq is not None:
+                nn.init.zeros_(seq[3].weight)
+                nn.init.zeros_(seq[3].bias)
+
+    def _arguments(self) -> dict:
+        att = self.pooling_type == "att"
+        return {
+            "attn_weight": self.conv_mask.weight if att else None,
+            "attn_bias": self.conv_mask.bias if att else None,
+            "scale_weights": _transform_weights(self.channel_mul_conv),
+            "add_weights": _transform_weights(self.channel_add_conv),
+        }
+
+    def forward(self, x: Tensor) -> Tensor:
+        eps = {f"{name}_eps": seq[1].eps for name, seq in (("scale", self.channel_mul_conv), ("add", self.channel_add_conv))
+               if seq is not None}
+        return F.gc(x, **self._arguments(), **eps)
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        return F.gc_dispatch(x, **self._arguments())
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, planes={self.planes}, pooling_type={self.pooling_type!r}, " \
+               f"fusion_types={tuple(self.fusion_types)}"

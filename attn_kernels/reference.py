@@ -3,7 +3,7 @@
 These are the truth in every test and the 'reference' backend. Each has the signature of the
 fused function in attn_kernels.functional.
 """
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -100,3 +100,70 @@ def cbam(
     x_attn = F.conv2d(x_attn, conv_weight, padding=conv_weight.shape[-1] // 2)
     x_attn = F.batch_norm(x_attn, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, bn_momentum, bn_eps)
     return x * _as_callable(gate)(x_attn)
+
+
+def eca(
+    x: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: Optional[torch.Tensor],
+    conv2_weight: Optional[torch.Tensor] = None,
+    conv2_bias: Optional[torch.Tensor] = None,
+    *,
+    circular: bool = False,
+    act: Act = "relu",
+    gate: Act = "sigmoid",
+) -> torch.Tensor:
+    """timm.layers.EcaModule.forward (CecaModule.forward with circular=True): x * gate(conv1d
+    across the channels of mean_hw(x)), zero (circular) padding keeping C outputs. With
+    conv2_weight, EcaModule's use_mlp form: conv (1x1, R maps), act, then conv2 across channels.
+    The view is spelled out as (N, 1, C), so that an empty batch works (timm's fails)."""
+    y = x.mean((2, 3)).view(x.shape[0], 1, x.shape[1])
+    if conv2_weight is not None:
+        y = _as_callable(act)(F.conv1d(y, conv_weight, conv_bias))
+        conv_weight, conv_bias = conv2_weight, conv2_bias
+    pad = (conv_weight.shape[-1] - 1) // 2
+    if circular:
+        y = F.conv1d(F.pad(y, (pad, pad), mode="circular"), conv_weight, conv_bias)
+    else:
+        y = F.conv1d(y, conv_weight, conv_bias, padding=pad)
+    y = _as_callable(gate)(y).view(x.shape[0], x.shape[1], 1, 1)
+    return x * y.expand_as(x)
+
+
+def _gc_transform(weights, context, eps, act_fn):
+    """timm's ConvMlp(norm_layer=LayerNorm2d) on a (N, C, 1, 1) context: fc1, LayerNorm over the
+    hidden channels, act, fc2 (mmcv's Sequential computes the same)."""
+    fc1_weight, fc1_bias, ln_weight, ln_bias, fc2_weight, fc2_bias = weights
+    h = F.conv2d(context, fc1_weight, fc1_bias).permute(0, 2, 3, 1)
+    h = F.layer_norm(h, h.shape[-1:], ln_weight.reshape(-1), ln_bias.reshape(-1), eps).permute(0, 3, 1, 2)
+    return F.conv2d(act_fn(h), fc2_weight, fc2_bias)
+
+
+def gc(
+    x: torch.Tensor,
+    attn_weight: Optional[torch.Tensor],
+    attn_bias: Optional[torch.Tensor],
+    scale_weights: Optional[Sequence[torch.Tensor]],
+    add_weights: Optional[Sequence[torch.Tensor]],
+    *,
+    scale_eps: float = 1e-6,
+    add_eps: float = 1e-6,
+    act: Act = "relu",
+    gate: Act = "sigmoid",
+) -> torch.Tensor:
+    """timm.layers.GlobalContext.forward: context by attention pooling (softmax over H*W of a 1x1
+    conv's logits) or, without attn_weight, the mean; then x * gate(t_scale(context)) and/or
+    + t_add(context), each transform fc1 -> LayerNorm -> act -> fc2 (weights as in ops/gc.py)."""
+    B, C, H, W = x.shape
+    if attn_weight is not None:
+        attn = F.conv2d(x, attn_weight, attn_bias).reshape(B, 1, H * W)
+        attn = F.softmax(attn, dim=-1).unsqueeze(3)
+        context = (x.reshape(B, C, H * W).unsqueeze(1) @ attn).view(B, C, 1, 1)
+    else:
+        context = x.mean(dim=(2, 3), keepdim=True)
+    act_fn = _as_callable(act)
+    if scale_weights:
+        x = x * _as_callable(gate)(_gc_transform(scale_weights, context, scale_eps, act_fn))
+    if add_weights:
+        x = x + _gc_transform(add_weights, context, add_eps, act_fn)
+    return x

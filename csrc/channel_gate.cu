@@ -3,6 +3,7 @@
 //
 //   channel_pool        one read of x:            mean and (optionally) max over H*W per (n, c)
 //   channel_grad_reduce one read of dy and x:     sum over H*W of dy*x, and how many x tie the max
+//                                                 or (with_dy_sum) the sum of dy
 //   channel_gate_apply  one read of a (and x), one write:
 //                       out = a*gate[n,c] + bias[n,c] + (x == xmax[n,c]) * tie_coef[n,c]
 //
@@ -109,8 +110,9 @@ std::tuple<at::Tensor, at::Tensor> channel_pool(const at::Tensor& x, bool with_m
   return {sum.div_(x.size(2) * x.size(3)), max};
 }
 
-std::tuple<at::Tensor, at::Tensor> channel_grad_reduce(const at::Tensor& dy, const at::Tensor& x,
-                                                       const c10::optional<at::Tensor>& xmax) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_grad_reduce(const at::Tensor& dy, const at::Tensor& x,
+                                                                   const c10::optional<at::Tensor>& xmax,
+                                                                   bool with_dy_sum) {
   constexpr const char* op = "channel_grad_reduce";
   check_activation(op, x);
   AK_CHECK_SAME(op, x, dy);
@@ -118,14 +120,22 @@ std::tuple<at::Tensor, at::Tensor> channel_grad_reduce(const at::Tensor& dy, con
   AK_CHECK(layout_of(op, dy, "dy") == layout, op,
            "argument 'dy' must have the same memory format as 'x'");
   if (xmax.has_value()) AK_CHECK_STAT(op, (*xmax), x);
+  AK_CHECK(!(xmax.has_value() && with_dy_sum), op, "arguments 'xmax' and 'with_dy_sum' cannot be used together");
   const c10::cuda::CUDAGuard guard(x.device());
   const auto stat_options = x.options().dtype(at::toAccumulateType(x.scalar_type(), true));
-  if (x.numel() == 0) {
-    return {at::zeros({x.size(0), x.size(1)}, stat_options),
-            xmax.has_value() ? at::zeros({x.size(0), x.size(1)}, stat_options) : at::empty({0}, stat_options)};
+  const auto stat = [&](bool wanted) {
+    return wanted ? at::zeros({x.size(0), x.size(1)}, stat_options) : at::empty({0}, stat_options);
+  };
+  if (x.numel() == 0) return {stat(true), stat(xmax.has_value()), stat(with_dy_sum)};
+  if (xmax.has_value()) {
+    auto [dot, ties] = reduce_pass<Reduce::kGrad, true>(dy, x, *xmax, layout);
+    return {dot, ties, stat(false)};
   }
-  if (xmax.has_value()) return reduce_pass<Reduce::kGrad, true>(dy, x, *xmax, layout);
-  return reduce_pass<Reduce::kGrad, false>(dy, x, at::Tensor(), layout);
+  if (with_dy_sum) {
+    auto [dot, dy_sum] = reduce_pass<Reduce::kGradSum, true>(dy, x, at::Tensor(), layout);
+    return {dot, stat(false), dy_sum};
+  }
+  return {std::get<0>(reduce_pass<Reduce::kGrad, false>(dy, x, at::Tensor(), layout)), stat(false), stat(false)};
 }
 
 at::Tensor channel_gate_apply(const at::Tensor& a, const at::Tensor& gate,

@@ -14,12 +14,20 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(attn_kernels_cuda, m) {
   // Mean (and max, when with_max) of x over H*W per (n, c), in float32 (float64 for float64 x).
   m.def("channel_pool(Tensor x, bool with_max) -> (Tensor mean, Tensor max)");
-  // Sum over H*W of dy*x per (n, c), and how many elements of x equal xmax[n, c] when given.
-  m.def("channel_grad_reduce(Tensor dy, Tensor x, Tensor? xmax) -> (Tensor dot, Tensor ties)");
+  // Sum over H*W of dy*x per (n, c); how many elements of x equal xmax[n, c] when given; the sum
+  // of dy when with_dy_sum (not with xmax). Results not asked for are empty.
+  m.def("channel_grad_reduce(Tensor dy, Tensor x, Tensor? xmax, bool with_dy_sum) -> (Tensor dot, Tensor ties, Tensor dy_sum)");
   // a*gate[n, c] + bias[n, c] + (x == xmax[n, c]) * tie_coef[n, c], in a's dtype and layout.
   m.def(
       "channel_gate_apply(Tensor a, Tensor gate, Tensor? bias, Tensor? x, Tensor? xmax, "
       "Tensor? tie_coef) -> Tensor");
+  // Attention pooling (GC): context = sum over H*W of softmax(weight . x + bias) * x per (n, c),
+  // and the log-sum-exp of the logits per n.
+  m.def("attention_pool(Tensor x, Tensor weight, Tensor bias) -> (Tensor context, Tensor lse)");
+  // The backward of y = x*gate + t(context) through attention_pool: dx, and d weight.
+  m.def(
+      "attention_pool_backward(Tensor dy, Tensor x, Tensor? gate, Tensor context, Tensor dcontext, "
+      "Tensor weight, Tensor bias, Tensor lse) -> (Tensor dx, Tensor dweight)");
   // Over C per pixel: mean and max of u = x*ca (x without ca) and the count of u tying the max.
   m.def("spatial_pool(Tensor x, Tensor? ca) -> (Tensor mean, Tensor max, Tensor ties)");
   // sum_c dy*u per pixel, and sum_hw dy*x*sa per channel (empty without ca).

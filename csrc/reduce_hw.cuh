@@ -17,9 +17,15 @@ constexpr int kTileHW = 8;   // NHWC reduce: pixels in flight per block
 // What a reduction pass accumulates per element at pixel hw of (n, c).
 //   kPool:     first = sum(a),     second = max(a)                (a = x)
 //   kGrad:     first = sum(a * b), second = count(b == xmax[n,c]) (a = dy, b = x)
+//   kGradSum:  first = sum(a * b), second = sum(a)                (a = dy, b = x)
 //   kPoolGrad: first = sum(a * (pmean[hw] + (a*ca[n,c] == smax[hw]) * pmax[hw])),
 //              second = count(a == xmax[n,c])                    (a = x; CBAM's backward)
-enum class Reduce { kPool, kGrad, kPoolGrad };
+enum class Reduce { kPool, kGrad, kGradSum, kPoolGrad };
+
+// Whether a mode reads b (x) beside a.
+constexpr bool reads_b(Reduce mode) { return mode == Reduce::kGrad || mode == Reduce::kGradSum; }
+// Whether a mode with a second result compares with a per-(n, c) max.
+constexpr bool compares_max(Reduce mode) { return mode == Reduce::kGrad || mode == Reduce::kPoolGrad; }
 
 // Per-pixel (N, H*W) and per-channel (N, C) inputs of kPoolGrad; null otherwise.
 template <typename acc_t>
@@ -42,7 +48,7 @@ struct Accumulator {
                                        int64_t nc, int64_t HW) {
     first = 0;
     second = kMode == Reduce::kPool ? acc_t(-INFINITY) : acc_t(0);
-    if constexpr (kMode != Reduce::kPool && kSecond) xmax = xmax_nc[nc];
+    if constexpr (compares_max(kMode) && kSecond) xmax = xmax_nc[nc];
     if constexpr (kMode == Reduce::kPoolGrad) {
       ca = terms.ca[nc];
       pixel = {terms.pmean + n * HW, terms.pmax + n * HW, terms.smax + n * HW, nullptr};
@@ -55,6 +61,9 @@ struct Accumulator {
     } else if constexpr (kMode == Reduce::kGrad) {
       first += a * b;
       if constexpr (kSecond) second += (b == xmax) ? acc_t(1) : acc_t(0);
+    } else if constexpr (kMode == Reduce::kGradSum) {
+      first += a * b;
+      second += a;
     } else {
       first += a * (pixel.pmean[hw] + (a * ca == pixel.smax[hw] ? pixel.pmax[hw] : acc_t(0)));
       second += (a == xmax) ? acc_t(1) : acc_t(0);
@@ -87,7 +96,7 @@ __global__ void reduce_nchw_kernel(const scalar_t* __restrict__ a, const scalar_
   const int64_t begin = split * cols_per_split;
   const int64_t end = min(cols, begin + cols_per_split);
   const scalar_t* a_row = a + row * cols;
-  const scalar_t* b_row = kMode == Reduce::kGrad ? b + row * cols : a_row;
+  const scalar_t* b_row = reads_b(kMode) ? b + row * cols : a_row;
 
   Accumulator<kMode, kSecond, acc_t> acc;
   acc.init(xmax, terms, row / C, row, cols);
@@ -132,7 +141,7 @@ __global__ void reduce_nhwc_kernel(const scalar_t* __restrict__ a, const scalar_
   acc.init(xmax, terms, n, n * C + (c < C ? c : 0), HW);
   if (c < C) {
     const scalar_t* a_col = a + n * HW * C + c;
-    const scalar_t* b_col = kMode == Reduce::kGrad ? b + n * HW * C + c : a_col;
+    const scalar_t* b_col = reads_b(kMode) ? b + n * HW * C + c : a_col;
     for (int64_t hw = begin + threadIdx.y; hw < end; hw += kTileHW)
       acc.add(static_cast<acc_t>(a_col[hw * C]), static_cast<acc_t>(b_col[hw * C]), hw);
   }
@@ -180,8 +189,8 @@ std::tuple<at::Tensor, at::Tensor> reduce_pass(const at::Tensor& a, const at::Te
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "reduce_pass", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const auto* a_ptr = a.data_ptr<scalar_t>();
-    const auto* b_ptr = kMode == Reduce::kGrad ? b.data_ptr<scalar_t>() : nullptr;
-    const auto* xmax_ptr = kMode != Reduce::kPool && kSecond ? xmax.data_ptr<acc_t>() : nullptr;
+    const auto* b_ptr = reads_b(kMode) ? b.data_ptr<scalar_t>() : nullptr;
+    const auto* xmax_ptr = compares_max(kMode) && kSecond ? xmax.data_ptr<acc_t>() : nullptr;
     PixelTerms<acc_t> terms;
     if constexpr (kMode == Reduce::kPoolGrad) {  // pmean, pmax, smax, ca
       terms = {pixel_terms[0].data_ptr<acc_t>(), pixel_terms[1].data_ptr<acc_t>(),

@@ -48,6 +48,9 @@ BLOCKS = {
     "channel_attn": (lambda *a, **k: timm_layers.cbam.ChannelAttn(*a, **k), attn_kernels.FusedChannelAttn),
     "spatial_attn": (lambda *a, **k: timm_layers.cbam.SpatialAttn(*a, **k), attn_kernels.FusedSpatialAttn),
     "cbam": (lambda *a, **k: timm_layers.cbam.CbamModule(*a, **k), attn_kernels.FusedCBAM),
+    "eca": (lambda *a, **k: timm_layers.EcaModule(*a, **k), attn_kernels.FusedECA),
+    "ceca": (lambda *a, **k: timm_layers.CecaModule(*a, **k), attn_kernels.FusedCECA),
+    "gc": (lambda *a, **k: timm_layers.GlobalContext(*a, **k), attn_kernels.FusedGC),
 }
 
 

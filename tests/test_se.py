@@ -103,9 +103,13 @@ def test_reductions_split_over_hw(monkeypatch, poisoned):
         mean, xmax = channel_gate.channel_pool(x, True)
         torch.testing.assert_close(mean, x.mean((2, 3)), rtol=0, atol=1e-14)
         assert torch.equal(xmax, x.amax((2, 3)))
-        dot, ties = channel_gate.channel_grad_reduce(dy, x, xmax)
+        dot, ties, _ = channel_gate.channel_grad_reduce(dy, x, xmax)
         torch.testing.assert_close(dot, (dy * x).sum((2, 3)), rtol=0, atol=1e-12)
         assert torch.equal(ties, (x == xmax[:, :, None, None]).sum((2, 3)).double())
+        dot, no_ties, dy_sum = channel_gate.channel_grad_reduce(dy, x, None, True)  # GC's reduction
+        torch.testing.assert_close(dot, (dy * x).sum((2, 3)), rtol=0, atol=1e-12)
+        torch.testing.assert_close(dy_sum, dy.sum((2, 3)), rtol=0, atol=1e-12)
+        assert no_ties.numel() == 0
 
 
 # ---- gradients, op contract -----------------------------------------------------------------
@@ -134,7 +138,7 @@ def op_args(backend="triton", pool="mix", device="cpu"):
     torch.manual_seed(0)
     w1, b1 = torch.randn(4, 8, 1, 1, device=device), torch.randn(4, device=device)
     w2, b2 = torch.randn(8, 4, 1, 1, device=device), torch.randn(8, device=device)
-    return x, w1, b1, w2, b2, pool, "relu", "sigmoid", backend
+    return x, w1, b1, w2, b2, pool, "mlp", "relu", "sigmoid", backend
 
 
 @pytest.mark.parametrize("pool", ["avg", "mix", "avg+max", "max"])

@@ -1,7 +1,7 @@
 """CBAM as torch.library ops: channel then spatial attention in one pass structure, the whole
 contract here. Without the channel MLP (fc1_weight None) it is CBAM's spatial attention alone.
 
-    ca = gate(MLP(mean_hw x) + MLP(max_hw x))                   per (n, c); ops/mlp.py, pool 'avg+max'
+    ca = gate(MLP(mean_hw x) + MLP(max_hw x))                   per (n, c); ops/excite.py, pool 'avg+max'
                                                                  (or 'avg', 'max': the official code's pool_types)
     u  = x * ca                                                  never written to memory
     sa = gate(BN(conv_kxk([mean_c u, max_c u])))                 per (n, h, w)
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..activations import ACTIVATIONS
 from .channel_gate import same_layout_as
-from .mlp import excite, excite_backward
+from .excite import excite, excite_backward
 from .primitives import acc_dtype, primitives
 
 def _conv_maps(smean, smax, shape, conv_weight):
@@ -70,7 +70,7 @@ def cbam_forward(
     acc = acc_dtype(x.dtype)
     if fc1_weight is not None:
         cmean, cmax = ops.channel_pool(x, True)
-        ca = excite(pool, cmean, cmax, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate).gate
+        ca = excite("mlp", pool, cmean, cmax, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate).gate
     else:
         cmean, cmax = x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
         ca = None
@@ -134,7 +134,7 @@ def cbam_backward(
     N, C, H, W = x.shape
     channel = fc1_weight is not None
     mlp_weights = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    e = excite(pool, cmean, cmax, *mlp_weights, act, gate) if channel else None
+    e = excite("mlp", pool, cmean, cmax, *mlp_weights, act, gate) if channel else None
     ca = e.gate if channel else None
     maps, z = _conv_maps(smean, smax, x.shape, conv_weight)
     invstd, normalized, logits = _batch_norm(z, bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
@@ -162,7 +162,7 @@ def cbam_backward(
     if channel:
         # Pass 2: the part of d ca that flows through the spatial pooling of u, and the channel ties.
         dca_pool, cties = ops.spatial_pool_grad_reduce(x, ca, smax, pmean, pmax, cmax)
-        dcmean, dcmax, *dmlp = excite_backward(pool, e, dca + dca_pool, *mlp_weights, act, gate)
+        dcmean, dcmax, *dmlp = excite_backward("mlp", pool, e, dca + dca_pool, *mlp_weights, act, gate)
         # Pass 3. A pool without the mean (or the max) contributes no term of its own.
         cbias = dcmean / (H * W) if dcmean is not None else torch.zeros_like(cties)
         ctie = dcmax / cties if dcmax is not None else torch.zeros_like(cties)

@@ -1,11 +1,12 @@
-"""Channel gating as torch.library ops: SE and CBAM's channel attention, their whole contract here.
+"""Channel gating as torch.library ops: SE, ECA and CBAM's channel attention, their whole contract here.
 
     mean, max = pooled over H*W per (n, c)
-    g = gate(MLP(pooled))       per sample, on (N, C): see ops/mlp.py for the `pool` modes
+    g = gate(mix(pooled))       per sample, on (N, C): see ops/excite.py for the `pool` and `mix`
+                                modes (an MLP for SE and CBAM, a conv across channels for ECA)
     y = x * g
 
-Forward:  channel_pool (reads x) -> MLP -> channel_gate_apply (reads x, writes y): 3|x|.
-Backward: channel_grad_reduce (reads dy, x) -> MLP backward -> channel_gate_apply (reads dy,
+Forward:  channel_pool (reads x) -> excite -> channel_gate_apply (reads x, writes y): 3|x|.
+Backward: channel_grad_reduce (reads dy, x) -> excite backward -> channel_gate_apply (reads dy,
           writes dx): 4|x|; 5|x| when the max is pooled, whose arg-max positions need x again.
 Saved for backward: x and the (N, C) statistics; the gate is recomputed from them.
 """
@@ -14,18 +15,19 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .mlp import excite, excite_backward, uses_max
+from .excite import excite, excite_backward, uses_max
 from .primitives import acc_dtype, primitives
 
 
 @torch.library.custom_op("attn_kernels::channel_gate_forward", mutates_args=())
 def channel_gate_forward(
     x: Tensor,
-    fc1_weight: Tensor,
+    fc1_weight: Optional[Tensor],
     fc1_bias: Optional[Tensor],
     fc2_weight: Tensor,
     fc2_bias: Optional[Tensor],
     pool: str,
+    mix: str,
     act: str,
     gate: str,
     backend: str,
@@ -34,13 +36,13 @@ def channel_gate_forward(
     when the pool does not use it)."""
     ops = primitives(backend)
     mean, xmax = ops.channel_pool(x, uses_max(pool))
-    g = excite(pool, mean, xmax, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate).gate
+    g = excite(mix, pool, mean, xmax, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate).gate
     y = ops.channel_gate_apply(x, g, None, None, None, None)
     return y, mean, xmax
 
 
 @channel_gate_forward.register_fake
-def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, act, gate, backend):
+def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, mix, act, gate, backend):
     stats = (x.shape[0], x.shape[1])
     acc = acc_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty(stats, dtype=acc), x.new_empty(stats if uses_max(pool) else (0,), dtype=acc)
@@ -50,25 +52,27 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, act, gate, backend):
 def channel_gate_backward(
     dy: Tensor,
     x: Tensor,
-    fc1_weight: Tensor,
+    fc1_weight: Optional[Tensor],
     fc1_bias: Optional[Tensor],
     fc2_weight: Tensor,
     fc2_bias: Optional[Tensor],
     mean: Tensor,
     xmax: Tensor,
     pool: str,
+    mix: str,
     act: str,
     gate: str,
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias); bias gradients are
-    returned even for absent biases (the autograd formula drops them)."""
+    returned even for absent biases, fc1 gradients are empty without fc1_weight (the autograd
+    formula drops them)."""
     ops = primitives(backend)
     weights = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    e = excite(pool, mean, xmax, *weights, act, gate)
+    e = excite(mix, pool, mean, xmax, *weights, act, gate)
     with_max = uses_max(pool)
-    dot, ties = ops.channel_grad_reduce(dy, x, xmax if with_max else None)
-    dmean, dmax, *dweights = excite_backward(pool, e, dot, *weights, act, gate)
+    dot, ties, _ = ops.channel_grad_reduce(dy, x, xmax if with_max else None, False)
+    dmean, dmax, *dweights = excite_backward(mix, pool, e, dot, *weights, act, gate)
     hw = x.shape[2] * x.shape[3]
     bias = dmean / hw if dmean is not None else torch.zeros_like(dot)
     if with_max:
@@ -80,22 +84,28 @@ def channel_gate_backward(
 
 
 @channel_gate_backward.register_fake
-def _(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax, pool, act, gate, backend):
+def _(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax, pool, mix, act, gate, backend):
+    if fc1_weight is None:
+        dfc1 = (mean.new_empty((0,)), mean.new_empty((0,)))
+    else:
+        dfc1 = (
+            torch.empty_like(fc1_weight),
+            fc1_weight.new_empty(fc1_weight.shape[:1], dtype=fc1_bias.dtype if fc1_bias is not None else None),
+        )
     return (
         torch.empty_like(dy),
-        torch.empty_like(fc1_weight),
-        fc1_weight.new_empty(fc1_weight.shape[:1], dtype=fc1_bias.dtype if fc1_bias is not None else None),
+        *dfc1,
         torch.empty_like(fc2_weight),
         fc2_weight.new_empty(fc2_weight.shape[:1], dtype=fc2_bias.dtype if fc2_bias is not None else None),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, act, gate, backend = inputs
+    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, mix, act, gate, backend = inputs
     _, mean, xmax = output
     ctx.mark_non_differentiable(mean, xmax)
     ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax)
-    ctx.config = (pool, act, gate, backend)
+    ctx.config = (pool, mix, act, gate, backend)
 
 
 def same_layout_as(t: Tensor, like: Tensor) -> Tensor:
@@ -111,10 +121,11 @@ def _backward(ctx, dy, _dmean, _dmax):
     )
     return (
         dx,
-        dw1,
+        dw1 if fc1_weight is not None else None,
         db1 if fc1_bias is not None else None,
         dw2,
         db2 if fc2_bias is not None else None,
+        None,
         None,
         None,
         None,

@@ -23,3 +23,8 @@ def primitives(backend: str):
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics and the small per-(n, c) math use: float32, float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# The attention-pooling kernels of both backends hold all channels of a pixel on chip (registers
+# in Triton, shared memory in CUDA, whose kernel has the same limit), so C is bounded.
+ATTENTION_POOL_MAX_CHANNELS = 4096

@@ -1,7 +1,9 @@
 """Channel-gate primitives in Triton, with the signatures of the CUDA ones (csrc/channel_gate.cu).
 
   channel_pool(x, with_max) -> (mean, max)                 one read of x
-  channel_grad_reduce(dy, x, xmax) -> (dot, ties)          one read of dy and x
+  channel_grad_reduce(dy, x, xmax, with_dy_sum) -> (dot, ties, dy_sum)
+                                                           one read of dy and x:
+      sum over H*W of dy*x, how many x tie xmax (with xmax), and sum of dy (with with_dy_sum)
   channel_gate_apply(a, gate, bias, x, xmax, tie_coef)     one read of a (and x), one write:
       out = a*gate[n,c] + bias[n,c] + (x == xmax[n,c]) * tie_coef[n,c]
 
@@ -86,10 +88,10 @@ def _sm_count(t: torch.Tensor) -> int:
 def _reduce_kernel(
     a_ptr, b_ptr, xmax_ptr, first_ptr, second_ptr,
     N, C, HW, stride_n, stride_c, stride_hw, hw_per_split,
-    GRAD: tl.constexpr, SECOND: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    GRAD: tl.constexpr, SECOND: tl.constexpr, SUM_A: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     # GRAD=False: first = sum(a), second = max(a).  GRAD=True: first = sum(a*b), second =
-    # count(b == xmax[n, c]). One program per (n, channel tile, split of H*W).
+    # count(b == xmax[n, c]), or sum(a) with SUM_A. One program per (n, channel tile, split of H*W).
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     c_tiles = tl.cdiv(C, BLOCK_C)
@@ -104,7 +106,7 @@ def _reduce_kernel(
     first = tl.zeros((BLOCK_C, BLOCK_HW), dtype=acc_ty)
     if GRAD:
         second = tl.zeros((BLOCK_C, BLOCK_HW), dtype=acc_ty)
-        if SECOND:
+        if SECOND and not SUM_A:
             ref = tl.load(xmax_ptr + n * C + c, mask=c_mask, other=0)[:, None]
     else:
         second = tl.full((BLOCK_C, BLOCK_HW), float("-inf"), dtype=acc_ty)
@@ -116,7 +118,9 @@ def _reduce_kernel(
         if GRAD:
             b = tl.load(b_ptr + offsets, mask=mask, other=0).to(acc_ty)
             first += a * b
-            if SECOND:
+            if SUM_A:
+                second += a
+            elif SECOND:
                 second += tl.where(mask & (b == ref), 1.0, 0.0).to(acc_ty)
         else:
             first += a
@@ -144,7 +148,7 @@ def split_hw(a: torch.Tensor, block_c: int, block_hw: int):
     return tiles, triton.cdiv(HW, per_split), per_split
 
 
-def _reduce(a, b, xmax, grad: bool, second: bool):
+def _reduce(a, b, xmax, grad: bool, second: bool, sum_a: bool = False):
     N, C, H, W = a.shape
     HW = H * W
     acc = acc_dtype(a.dtype)
@@ -154,9 +158,9 @@ def _reduce(a, b, xmax, grad: bool, second: bool):
     second_out = torch.empty((splits, N, C) if second else (0,), dtype=acc, device=a.device)
     with device_guard(a):
         _reduce_kernel[(tiles, splits)](
-            a, b if grad else a, xmax if (grad and second) else first, first, second_out if second else first,
+            a, b if grad else a, xmax if xmax is not None else first, first, second_out if second else first,
             N, C, HW, *strides(a), per_split,
-            GRAD=grad, SECOND=second, BLOCK_C=block_c, BLOCK_HW=block_hw,
+            GRAD=grad, SECOND=second, SUM_A=sum_a, BLOCK_C=block_c, BLOCK_HW=block_hw,
         )
     if splits == 1:
         return first[0], second_out[0] if second else second_out
@@ -175,14 +179,21 @@ def channel_pool(x: torch.Tensor, with_max: bool):
     return total / (x.shape[2] * x.shape[3]), xmax
 
 
-def channel_grad_reduce(dy: torch.Tensor, x: torch.Tensor, xmax=None):
-    check_activation("channel_grad_reduce", "x", x)
-    check_activation("channel_grad_reduce", "dy", dy, like=x)
+def channel_grad_reduce(dy: torch.Tensor, x: torch.Tensor, xmax=None, with_dy_sum: bool = False):
+    op = "channel_grad_reduce"
+    check_activation(op, "x", x)
+    check_activation(op, "dy", dy, like=x)
     N, C = x.shape[:2]
+    check_stats(op, x, (N, C), xmax=xmax)
+    if xmax is not None and with_dy_sum:
+        raise ValueError(f"{op}(): arguments 'xmax' and 'with_dy_sum' cannot be used together")
     acc = acc_dtype(x.dtype)
+    empty = x.new_empty((0,), dtype=acc)
     if x.numel() == 0:
-        return x.new_zeros((N, C), dtype=acc), x.new_zeros((N, C) if xmax is not None else (0,), dtype=acc)
-    return _reduce(dy, x, xmax, grad=True, second=xmax is not None)
+        zeros = x.new_zeros((N, C), dtype=acc)
+        return zeros, zeros.clone() if xmax is not None else empty, zeros.clone() if with_dy_sum else empty.clone()
+    dot, second = _reduce(dy, x, xmax, grad=True, second=xmax is not None or with_dy_sum, sum_a=with_dy_sum)
+    return (dot, second, empty) if not with_dy_sum else (dot, empty, second)
 
 
 @triton.jit

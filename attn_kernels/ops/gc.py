@@ -1,0 +1,196 @@
+"""Global context attention (GCNet) as torch.library ops: the whole contract of GC here.
+
+    context = sum_p softmax_p(conv_attn(x))[p] * x[:, :, p]     'att' pooling (attn_weight given)
+            = mean_hw(x)                                        'avg' pooling (no attn_weight)
+    t(ctx)  = fc2(act(LayerNorm(fc1(ctx))))                     a transform, per sample, on (N, C)
+    y = x * gate(t_scale(context)) + t_add(context)             either term may be absent
+
+Forward:  attention_pool (reads x; one pass, online softmax) or channel_pool -> transforms ->
+          channel_gate_apply (reads x, writes y): 3|x|.
+Backward: channel_grad_reduce (reads dy, x: sum dy*x for the scale, sum dy for the add; dy alone
+          without the scale) -> transforms' backward -> attention_pool_backward (reads dy, x,
+          writes dx) or, for 'avg', channel_gate_apply (reads dy, writes dx): at most 5|x|.
+Saved for backward: x, the (N, C) context and the (N,) log-sum-exp of the logits.
+
+A transform's weights come as a list [fc1_weight, fc1_bias, ln_weight, ln_bias, fc2_weight,
+fc2_bias] (1x1-conv weights (R, C, 1, 1) and (C, R, 1, 1); LayerNorm over the R hidden units);
+an empty list means the term is absent. The transforms run in float32 (float64 for float64 x).
+"""
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from ..activations import ACTIVATIONS
+from .channel_gate import same_layout_as
+from .primitives import acc_dtype, primitives
+
+
+class Transform(NamedTuple):
+    hidden: Tensor      # fc1(ctx), (N, R)
+    rstd: Tensor        # 1 / sqrt(var + eps) of the hidden units, (N, 1)
+    normalized: Tensor  # (hidden - mean) * rstd
+    pre_act: Tensor     # normalized * ln_weight + ln_bias
+    out: Tensor         # fc2(act(pre_act)), (N, C)
+
+
+def transform(weights: List[Tensor], ctx: Tensor, eps: float, act: str) -> Transform:
+    w1, b1, ln_w, ln_b, w2, b2 = weights
+    dtype = ctx.dtype
+    hidden = torch.addmm(b1.to(dtype), ctx, w1.reshape(w1.shape[0], -1).to(dtype).t())
+    centered = hidden - hidden.mean(1, keepdim=True)
+    rstd = torch.rsqrt((centered * centered).mean(1, keepdim=True) + eps)
+    normalized = centered * rstd
+    pre_act = normalized * ln_w.reshape(-1).to(dtype) + ln_b.reshape(-1).to(dtype)
+    out = torch.addmm(b2.to(dtype), ACTIVATIONS[act].forward(pre_act), w2.reshape(w2.shape[0], -1).to(dtype).t())
+    return Transform(hidden, rstd, normalized, pre_act, out)
+
+
+def transform_backward(weights: List[Tensor], ctx: Tensor, t: Transform, dout: Tensor, act: str):
+    """(d ctx, [d w1, d b1, d ln_w, d ln_b, d w2, d b2]) of out = t(ctx), the gradients in the
+    weights' shapes and dtypes."""
+    w1, b1, ln_w, ln_b, w2, b2 = weights
+    dtype = ctx.dtype
+    activated = ACTIVATIONS[act].forward(t.pre_act)
+    dw2 = dout.t() @ activated
+    dpre = (dout @ w2.reshape(w2.shape[0], -1).to(dtype)) * ACTIVATIONS[act].derivative(t.pre_act)
+    dln_w = (dpre * t.normalized).sum(0)
+    dln_b = dpre.sum(0)
+    dnorm = dpre * ln_w.reshape(-1).to(dtype)
+    dhidden = t.rstd * (dnorm - dnorm.mean(1, keepdim=True)
+                        - t.normalized * (dnorm * t.normalized).mean(1, keepdim=True))
+    dw1 = dhidden.t() @ ctx
+    dctx = dhidden @ w1.reshape(w1.shape[0], -1).to(dtype)
+    grads = [dw1, dhidden.sum(0), dln_w, dln_b, dw2, dout.sum(0)]
+    return dctx, [g.reshape(w.shape).to(w.dtype) for g, w in zip(grads, weights)]
+
+
+def _attention_weights(x: Tensor, attn_weight: Tensor, attn_bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """conv_attn's (1, C, 1, 1) weight and (1,) bias as the kernels take them: (C,) and (1,), acc dtype."""
+    acc = acc_dtype(x.dtype)
+    weight = attn_weight.reshape(-1).to(acc).contiguous()
+    bias = attn_bias.reshape(1).to(acc).contiguous() if attn_bias is not None else weight.new_zeros(1)
+    return weight, bias
+
+
+@torch.library.custom_op("attn_kernels::gc_forward", mutates_args=())
+def gc_forward(
+    x: Tensor,
+    attn_weight: Optional[Tensor],
+    attn_bias: Optional[Tensor],
+    scale_weights: List[Tensor],
+    add_weights: List[Tensor],
+    scale_eps: float,
+    add_eps: float,
+    act: str,
+    gate: str,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (y, context, lse): the output, the (N, C) context and, for 'att' pooling, the (N,)
+    log-sum-exp of the attention logits (empty for 'avg')."""
+    ops = primitives(backend)
+    if attn_weight is not None:
+        context, lse = ops.attention_pool(x, *_attention_weights(x, attn_weight, attn_bias))
+    else:
+        context, _ = ops.channel_pool(x, False)
+        lse = context.new_empty((0,))
+    if scale_weights:
+        g = ACTIVATIONS[gate].forward(transform(scale_weights, context, scale_eps, act).out)
+    else:
+        g = torch.ones_like(context)
+    add = transform(add_weights, context, add_eps, act).out if add_weights else None
+    y = ops.channel_gate_apply(x, g, add, None, None, None)
+    return y, context, lse
+
+
+@gc_forward.register_fake
+def _(x, attn_weight, attn_bias, scale_weights, add_weights, scale_eps, add_eps, act, gate, backend):
+    acc = acc_dtype(x.dtype)
+    lse_shape = (x.shape[0],) if attn_weight is not None else (0,)
+    return torch.empty_like(x), x.new_empty(x.shape[:2], dtype=acc), x.new_empty(lse_shape, dtype=acc)
+
+
+@torch.library.custom_op("attn_kernels::gc_backward", mutates_args=())
+def gc_backward(
+    dy: Tensor,
+    x: Tensor,
+    attn_weight: Optional[Tensor],
+    attn_bias: Optional[Tensor],
+    scale_weights: List[Tensor],
+    add_weights: List[Tensor],
+    context: Tensor,
+    lse: Tensor,
+    scale_eps: float,
+    add_eps: float,
+    act: str,
+    gate: str,
+    backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor]]:
+    """Returns (dx, d attn_weight, d attn_bias, d scale_weights, d add_weights); the attention
+    gradients are empty for 'avg' pooling. d attn_bias is exactly zero: a constant added to every
+    logit leaves the softmax unchanged."""
+    ops = primitives(backend)
+    N, C, H, W = x.shape
+    if scale_weights:
+        dot, _, dy_sum = ops.channel_grad_reduce(dy, x, None, bool(add_weights))
+    else:
+        dy_sum = ops.channel_pool(dy, False)[0] * (H * W)
+    dcontext = torch.zeros_like(context)
+    gate_values = None
+    dscale, dadd = [], []
+    if scale_weights:
+        t = transform(scale_weights, context, scale_eps, act)
+        gate_values = ACTIVATIONS[gate].forward(t.out)
+        dctx, dscale = transform_backward(scale_weights, context, t, dot * ACTIVATIONS[gate].derivative(t.out), act)
+        dcontext += dctx
+    if add_weights:
+        dctx, dadd = transform_backward(add_weights, context, transform(add_weights, context, add_eps, act), dy_sum, act)
+        dcontext += dctx
+    if attn_weight is None:
+        g = gate_values if gate_values is not None else torch.ones_like(context)
+        dx = ops.channel_gate_apply(dy, g, dcontext / (H * W), None, None, None)
+        return dx, context.new_empty((0,)), context.new_empty((0,)), dscale, dadd
+    weight, bias = _attention_weights(x, attn_weight, attn_bias)
+    dx, dweight = ops.attention_pool_backward(dy, x, gate_values, context, dcontext, weight, bias, lse)
+    dattn_bias = torch.zeros((1,), dtype=(attn_bias if attn_bias is not None else attn_weight).dtype, device=x.device)
+    return dx, dweight.reshape(attn_weight.shape).to(attn_weight.dtype), dattn_bias, dscale, dadd
+
+
+@gc_backward.register_fake
+def _(dy, x, attn_weight, attn_bias, scale_weights, add_weights, context, lse, scale_eps, add_eps, act, gate, backend):
+    if attn_weight is None:
+        dattn = (context.new_empty((0,)), context.new_empty((0,)))
+    else:
+        dattn = (torch.empty_like(attn_weight),
+                 attn_weight.new_empty((1,), dtype=(attn_bias if attn_bias is not None else attn_weight).dtype))
+    return (torch.empty_like(dy), *dattn, [torch.empty_like(w) for w in scale_weights],
+            [torch.empty_like(w) for w in add_weights])
+
+
+def _setup_context(ctx, inputs, output):
+    x, attn_weight, attn_bias, scale_weights, add_weights, scale_eps, add_eps, act, gate, backend = inputs
+    _, context, lse = output
+    ctx.mark_non_differentiable(context, lse)
+    ctx.save_for_backward(x, attn_weight, attn_bias, context, lse, *scale_weights, *add_weights)
+    ctx.layout = (attn_weight is not None, attn_bias is not None, len(scale_weights), len(add_weights))
+    ctx.config = (scale_eps, add_eps, act, gate, backend)
+
+
+def _backward(ctx, dy, _dcontext, _dlse):
+    x, attn_weight, attn_bias, context, lse, *weights = ctx.saved_tensors
+    has_attn, has_attn_bias, n_scale, _ = ctx.layout
+    scale_weights, add_weights = weights[:n_scale], weights[n_scale:]
+    dx, dattn_weight, dattn_bias, dscale, dadd = gc_backward(
+        same_layout_as(dy, x), x, attn_weight, attn_bias, scale_weights, add_weights, context, lse, *ctx.config
+    )
+    return (
+        dx,
+        dattn_weight if has_attn else None,
+        dattn_bias if has_attn_bias else None,
+        dscale,
+        dadd,
+        None, None, None, None, None,
+    )
+
+
+gc_forward.register_autograd(_backward, setup_context=_setup_context)
