@@ -44,6 +44,12 @@ class Block:
 BLOCKS: Dict[str, Block] = {
     "se": Block(eager=lambda c: timm.layers.SEModule(c), fused=lambda c: attn_kernels.FusedSE(c)),
     "cbam": Block(eager=lambda c: timm.layers.cbam.CbamModule(c), fused=lambda c: attn_kernels.FusedCBAM(c)),
+    "eca": Block(eager=lambda c: timm.layers.EcaModule(c), fused=lambda c: attn_kernels.FusedECA(c)),
+    # GlobalContext as timm builds it by default (attention pooling, scale) and as its gcresnet
+    # models do ('gca': attention pooling, add).
+    "gc": Block(eager=lambda c: timm.layers.GlobalContext(c), fused=lambda c: attn_kernels.FusedGC(c)),
+    "gca": Block(eager=lambda c: timm.layers.GlobalContext(c, fuse_add=True, fuse_scale=False),
+                 fused=lambda c: attn_kernels.FusedGC(c, fuse_add=True, fuse_scale=False)),
 }
 
 RESNET50_STAGES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]  # C, H, W of the SE sites

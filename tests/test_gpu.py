@@ -38,12 +38,35 @@ def test_cbam_matches_reference(block, train, backend, dtype, layout, shape, poi
     check_kernel_against_reference(backend, x, block, train=train)
 
 
+# ECA (plain, circular, use_mlp) and GC (timm's default; both fusions; mmcv's default add-only;
+# mean pooling).
+CHANNEL_BLOCKS = {
+    "eca": ("eca", {}),
+    "ceca": ("ceca", {}),
+    "eca_mlp": ("eca", {"use_mlp": True}),
+    "gc": ("gc", {}),
+    "gc_scale_add": ("gc", {"fuse_add": True}),
+    "gc_add": ("gc", {"fuse_add": True, "fuse_scale": False}),
+    "gc_avg": ("gc", {"use_attn": False, "fuse_add": True}),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", CHANNEL_BLOCKS)
+def test_eca_gc_match_reference(config, backend, dtype, layout, shape, poisoned):
+    block, kwargs = CHANNEL_BLOCKS[config]
+    check_kernel_against_reference(backend, make_x(shape, dtype, "cuda", layout), block, kwargs)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bitwise_deterministic(backend, layout, poisoned):
     x = make_x((8, 512, 28, 28), torch.bfloat16, "cuda", layout, kind="quantized")
     dy = make_x((8, 512, 28, 28), torch.bfloat16, "cuda", layout, seed=1)
-    for block, kwargs in (("se", {"add_maxpool": True}), ("cbam", {})):
+    for block, kwargs in (("se", {"add_maxpool": True}), ("cbam", {}), ("eca", {}), ("gc", {"fuse_add": True})):
         _, fused = make_pair(block, 512, dtype=torch.bfloat16, device="cuda", **kwargs)
         first, second = run(fused, x, dy, backend), run(fused, x, dy, backend)
         assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
@@ -52,9 +75,9 @@ def test_bitwise_deterministic(backend, layout, poisoned):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("block", ["se", "cbam"])
+@pytest.mark.parametrize("block", ["se", "cbam", "eca", "gc"])
 def test_backward_keeps_no_activation_sized_intermediate(block, backend):
-    """After forward, the graph holds y (the output) plus O(N*C + N*H*W): timm's eager SE and CBAM
+    """After forward, the graph holds y (the output) plus O(N*C + N*H*W): timm's eager blocks
     hold more (CBAM 2|x| besides y)."""
     x = make_x((32, 256, 56, 56), torch.bfloat16, "cuda", "channels_last").requires_grad_()
     _, fused = make_pair(block, 256, dtype=torch.bfloat16, device="cuda")
@@ -93,3 +116,9 @@ def test_more_than_2_to_the_31_elements(backend, layout):
     y = ops.channel_gate_apply(x, gate, None, None, None, None)
     assert torch.equal(y[-1, -1], torch.full_like(y[-1, -1], 1.0))
     assert torch.equal(y[0, 0], x[0, 0] * 2)
+    # Attention pooling with zero logits weighs every pixel alike: the context is the mean.
+    weight, bias = torch.zeros(64, device="cuda"), torch.zeros(1, device="cuda")
+    context, lse = ops.attention_pool(x, weight, bias)
+    torch.testing.assert_close(context, mean, rtol=1e-4, atol=1e-5)
+    assert abs(context[-1, -1].item() - 0.5) < 1e-5
+    torch.testing.assert_close(lse, torch.full_like(lse, float(torch.tensor(4096.0 * 4100).log())))
