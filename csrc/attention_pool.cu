@@ -56,6 +56,18 @@ __device__ __forceinline__ TileIndex tile_index(int i, int pixels, int64_t n, in
   return {p, c, (n * C + c) * HW + hw0 + p};
 }
 
+// Stages the tile of `pixels` pixels from hw0 of sample n in shared memory, as tile[p*C + c].
+template <typename scalar_t>
+__device__ __forceinline__ void load_tile(scalar_t* tile, const scalar_t* __restrict__ x, int pixels, int64_t n,
+                                          int64_t hw0, int64_t C, int64_t HW, bool nhwc) {
+  for (int i = threadIdx.x; i < pixels * C; i += kThreads) {
+    const TileIndex t = tile_index(i, pixels, n, hw0, C, HW, nhwc);
+    tile[t.p * C + t.c] = x[t.offset];
+  }
+  __syncthreads();
+}
+
+// sum_c tile_p[c] * v[c] for one pixel of the tile, by one warp.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t pixel_dot(const scalar_t* tile_p, const acc_t* __restrict__ v, int64_t C,
                                            int lane) {
@@ -86,11 +98,7 @@ __global__ void __launch_bounds__(kThreads) attention_pool_kernel(
 
   for (int64_t hw0 = begin; hw0 < end; hw0 += tile_pixels) {
     const int pixels = int(min(int64_t(tile_pixels), end - hw0));
-    for (int i = threadIdx.x; i < pixels * C; i += kThreads) {
-      const TileIndex t = tile_index(i, pixels, n, hw0, C, HW, nhwc);
-      tile[t.p * C + t.c] = x[t.offset];
-    }
-    __syncthreads();
+    load_tile(tile, x, pixels, n, hw0, C, HW, nhwc);
     for (int p = warp; p < pixels; p += kWarps) {
       const acc_t l = pixel_dot(tile + p * C, weight, C, lane) + b;
       if (lane == 0) logits[p] = l;
@@ -158,11 +166,7 @@ __global__ void __launch_bounds__(kThreads) attention_pool_backward_kernel(
 
   for (int64_t hw0 = begin; hw0 < end; hw0 += tile_pixels) {
     const int pixels = int(min(int64_t(tile_pixels), end - hw0));
-    for (int i = threadIdx.x; i < pixels * C; i += kThreads) {
-      const TileIndex t = tile_index(i, pixels, n, hw0, C, HW, nhwc);
-      tile[t.p * C + t.c] = x[t.offset];
-    }
-    __syncthreads();
+    load_tile(tile, x, pixels, n, hw0, C, HW, nhwc);
     for (int p = warp; p < pixels; p += kWarps) {
       const acc_t l = pixel_dot(tile + p * C, weight, C, lane) + b;
       const acc_t u = pixel_dot(tile + p * C, dctx, C, lane);

@@ -128,3 +128,55 @@ def saved_for_backward(module, x, backend):
     with attn_kernels.use_backend(backend), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(x)
     return saved
+
+
+def check_compiles_without_graph_break(fused, channels):
+    """fused between two layers, compiled with fullgraph=True (which raises on any graph break),
+    forward and backward on the kernel backend; the output equals eager's. Returns (compiled
+    model, an eager copy taken before the step) for further checks."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = "cuda" if torch.cuda.is_available() else "triton"
+    model = torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1), fused, torch.nn.ReLU()).to(device)
+    reference_model = copy.deepcopy(model)
+    x = make_x((2, channels, 6, 6), device=device)
+    torch._dynamo.reset()
+    with attn_kernels.use_backend(backend):
+        compiled = torch.compile(model, fullgraph=True)
+        y = compiled(x.requires_grad_())
+        y.sum().backward()
+    torch.testing.assert_close(y, reference_model(x.detach()))
+    return model, reference_model
+
+
+def check_against_rewrite(module, x, semantics, params):
+    """A float64 module on the triton backend vs `semantics(x)`, an independent float64 rewrite of
+    the code the module mirrors, computed with `params` (leaf tensors named as the module's
+    parameters): outputs, x's gradient and every parameter's gradient."""
+    dy = torch.randn_like(x)
+    x_rewrite = x.clone().requires_grad_()
+    expected = semantics(x_rewrite)
+    expected.backward(dy)
+    x_module = x.clone().requires_grad_()
+    with attn_kernels.use_backend("triton"):
+        assert module.dispatch(x_module).backend == "triton"
+        y = module(x_module)
+    y.backward(dy)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x_module.grad, x_rewrite.grad, rtol=1e-10, atol=1e-12)
+    for name, p in module.named_parameters():
+        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-10, atol=1e-11, msg=name)
+
+
+def check_empty_batch(module, channels):
+    """N = 0 gives an empty output, an empty x gradient and zero parameter gradients, on the
+    kernel backend and on the reference."""
+    for backend in ["triton", "reference"]:
+        x = torch.randn(0, channels, 4, 4, requires_grad=True)
+        with attn_kernels.use_backend(backend):
+            y = module(x)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        for name, p in module.named_parameters():
+            assert torch.equal(p.grad, torch.zeros_like(p)), f"{backend}: {name}"
+        module.zero_grad(set_to_none=True)

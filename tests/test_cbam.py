@@ -10,7 +10,10 @@ import torch
 import attn_kernels
 from attn_kernels import functional as F
 from attn_kernels.ops.cbam import cbam_backward, cbam_forward
-from helpers import block_args, check_kernel_against_reference, make_pair, make_x, run, saved_for_backward
+from helpers import (
+    block_args, check_against_rewrite, check_compiles_without_graph_break, check_kernel_against_reference, make_pair,
+    make_x, run, saved_for_backward,
+)
 
 BLOCKS = ["channel_attn", "spatial_attn", "cbam"]
 LAYOUTS = ["nchw", "channels_last"]
@@ -128,19 +131,7 @@ def test_opcheck(channel, train):
 
 
 def test_compile_fullgraph_has_no_graph_break():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = "cuda" if torch.cuda.is_available() else "triton"
-    _, fused = pair("cbam", 16)
-    model = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), fused, torch.nn.ReLU()).to(device)
-    reference_model = __import__("copy").deepcopy(model)
-    x = make_x((2, 16, 6, 6), device=device)
-    torch._dynamo.reset()
-    with attn_kernels.use_backend(backend):
-        compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
-        y = compiled(x.requires_grad_())
-        y.sum().backward()
-    expected = reference_model(x.detach())
-    torch.testing.assert_close(y, expected)
+    model, reference_model = check_compiles_without_graph_break(pair("cbam", 16)[1], 16)
     # The compiled step updated the BN running statistics as eager does.
     for (name, b), (_, c) in zip(model.named_buffers(), reference_model.named_buffers()):
         torch.testing.assert_close(b, c, msg=name)
@@ -269,19 +260,9 @@ def test_official_layout_matches_the_papers_code(pool_types, no_spatial, train):
     running = (state.get("SpatialGate.spatial.bn.running_mean"), state.get("SpatialGate.spatial.bn.running_var"))
 
     x = torch.randn(2, 32, 5, 6, dtype=torch.float64)  # continuous values: no tied maxima
-    dy = torch.randn_like(x)
-    xe = x.clone().requires_grad_()
-    expected = official_semantics(xe, {**state, **params}, pool_types, no_spatial, train, running)
-    expected.backward(dy)
-    xf = x.clone().requires_grad_()
-    with attn_kernels.use_backend("triton"):
-        assert module.dispatch(xf).backend == "triton"
-        y = module(xf)
-    y.backward(dy)
-    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(xf.grad, xe.grad, rtol=1e-10, atol=1e-12)
-    for name, p in module.named_parameters():
-        torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-10, atol=1e-12, msg=name)
+    check_against_rewrite(
+        module, x, lambda x: official_semantics(x, {**state, **params}, pool_types, no_spatial, train, running), params
+    )
     for name, b in module.named_buffers():
         if "running" in name:
             torch.testing.assert_close(b, state[name], rtol=1e-12, atol=1e-14, msg=name)

@@ -14,7 +14,10 @@ from torch import nn
 import attn_kernels
 from attn_kernels import functional as F
 from attn_kernels.ops.gc import gc_backward, gc_forward
-from helpers import check_kernel_against_reference, make_pair, make_x, run, saved_for_backward, timm_layers
+from helpers import (
+    check_against_rewrite, check_compiles_without_graph_break, check_empty_batch, check_kernel_against_reference, make_pair,
+    make_x, run, saved_for_backward, timm_layers,
+)
 
 LAYOUTS = ["nchw", "channels_last"]
 interpreted_only = pytest.mark.skipif(torch.cuda.is_available(), reason="covered at real shapes by the GPU tests")
@@ -161,17 +164,7 @@ def test_opcheck(pooling):
 
 
 def test_compile_fullgraph_has_no_graph_break():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = "cuda" if torch.cuda.is_available() else "triton"
-    _, fused = pair(16, "att+scale+add", device=device)
-    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), fused, nn.ReLU()).to(device)
-    x = make_x((2, 16, 6, 6), device=device)
-    torch._dynamo.reset()
-    with attn_kernels.use_backend(backend):
-        compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
-        y = compiled(x.requires_grad_())
-        y.sum().backward()
-    torch.testing.assert_close(y, model(x.detach()))
+    check_compiles_without_graph_break(pair(16, "att+scale+add")[1], 16)
 
 
 def test_saves_only_x_and_small_statistics():
@@ -241,36 +234,19 @@ def test_mmcv_layout_matches_mmcvs_code(pooling_type, fusion_types):
             p.normal_(0, 0.5)
     state = {k: v.detach().clone().requires_grad_() for k, v in module.state_dict().items()}
     x = torch.randn(2, 32, 5, 6, dtype=torch.float64)
-    dy = torch.randn_like(x)
-    xe = x.clone().requires_grad_()
-    expected = mmcv_semantics(xe, state, pooling_type, fusion_types)
-    expected.backward(dy)
-    xf = x.clone().requires_grad_()
-    with attn_kernels.use_backend("triton"):
-        assert module.dispatch(xf).backend == "triton"
-        y = module(xf)
-    y.backward(dy)
-    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(xf.grad, xe.grad, rtol=1e-10, atol=1e-12)
-    for name, p in module.named_parameters():
-        torch.testing.assert_close(p.grad, state[name].grad, rtol=1e-10, atol=1e-11, msg=name)
+    check_against_rewrite(module, x, lambda x: mmcv_semantics(x, state, pooling_type, fusion_types), state)
 
 
 # ---- dispatch, empty batches and bad input --------------------------------------------------
 
 @pytest.mark.parametrize("config", ["att+scale+add", "avg+scale", "att+add"])
 def test_empty_batch(config):
-    _, fused = pair(8, config)
-    for backend in ["triton", "reference"]:
-        x = torch.randn(0, 8, 4, 4, requires_grad=True)
-        with attn_kernels.use_backend(backend):
-            y = fused(x)
-        assert y.shape == x.shape
-        y.sum().backward()
-        assert x.grad.shape == x.shape
-        for name, p in fused.named_parameters():
-            assert torch.equal(p.grad, torch.zeros_like(p)), name
-        fused.zero_grad(set_to_none=True)
+    check_empty_batch(pair(8, config)[1], 8)
+
+
+@pytest.mark.parametrize("pooling_type", ["att", "avg"])
+def test_empty_batch_mmcv_layout(pooling_type):
+    check_empty_batch(attn_kernels.FusedContextBlock(8, 1 / 4, pooling_type, ("channel_add", "channel_mul")), 8)
 
 
 def test_dispatch_falls_back_with_a_reason():

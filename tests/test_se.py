@@ -10,7 +10,10 @@ from torch import nn
 import attn_kernels
 from attn_kernels import functional as F
 from attn_kernels.ops.channel_gate import channel_gate_backward, channel_gate_forward
-from helpers import check_kernel_against_reference, make_pair, make_x, run, saved_for_backward, timm_layers
+from helpers import (
+    check_compiles_without_graph_break, check_kernel_against_reference, make_pair, make_x, run, saved_for_backward,
+    timm_layers,
+)
 
 # (description, shape, SE constructor kwargs, x kind): small shapes for the interpreter.
 SAMPLES = [
@@ -157,18 +160,7 @@ def test_opcheck(pool):
 
 
 def test_compile_fullgraph_has_no_graph_break():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = "cuda" if torch.cuda.is_available() else "triton"
-    eager, fused = make_pair("se", 16, device=device)
-    model = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), fused, nn.ReLU()).to(device)
-    x = make_x((2, 16, 6, 6), device=device)
-    torch._dynamo.reset()
-    with attn_kernels.use_backend(backend):
-        compiled = torch.compile(model, fullgraph=True)  # raises on any graph break
-        y = compiled(x.requires_grad_())
-        y.sum().backward()
-        expected = model(x.detach())
-    torch.testing.assert_close(y, expected)
+    check_compiles_without_graph_break(make_pair("se", 16)[1], 16)
 
 
 def test_saves_only_x_and_per_channel_statistics():
