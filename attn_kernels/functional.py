@@ -33,6 +33,11 @@ def _kernel_name(act: Act, argument: str) -> Optional[str]:
     return kernel_activation_name(act) if isinstance(act, nn.Module) else None
 
 
+def _no_formula(argument: str, act: Act) -> str:
+    """Why a block whose `argument` (act or gate) is `act` runs on the reference."""
+    return f"{argument} {act!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+
+
 def _check_tensor(name: str, t: Optional[Tensor], shape: tuple, x: Tensor, optional: bool = False):
     if t is None:
         if optional:
@@ -85,9 +90,9 @@ def _gate_plan(x, act, gate, norm=None):
     if norm is not None:
         reason = f"norm {type(norm).__name__} between fc1 and act has no fused kernel"
     elif act_name is None:
-        reason = f"act {act!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+        reason = _no_formula("act", act)
     elif gate_name is None:
-        reason = f"gate {gate!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+        reason = _no_formula("gate", gate)
     return dispatch(x, reason), act_name, gate_name
 
 
@@ -186,21 +191,14 @@ def _check_eca(x, conv_weight, conv_bias, conv2_weight, conv2_bias, circular):
         )
 
 
-def _eca_plan(x, conv2_weight, act, gate):
-    """(dispatch, act kernel name, gate kernel name) for eca() on x; the act only acts with conv2."""
-    act_name = _kernel_name(act, "act") if conv2_weight is not None else "identity"
-    gate_name = _kernel_name(gate, "gate")
-    reason = None
-    if act_name is None:
-        reason = f"act {act!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
-    elif gate_name is None:
-        reason = f"gate {gate!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
-    return dispatch(x, reason), act_name, gate_name
-
-
 def eca_dispatch(x: Tensor, *, conv2_weight: Optional[Tensor] = None, act: Act = "relu", gate: Act = "sigmoid") -> Dispatch:
     """Which backend eca() runs on x with this configuration, and why others were passed over."""
-    return _eca_plan(x, conv2_weight, act, gate)[0]
+    return _gate_plan(x, _eca_act(conv2_weight, act), gate)[0]
+
+
+def _eca_act(conv2_weight: Optional[Tensor], act: Act) -> Act:
+    """The activation ECA applies: `act` between its two convs, none without conv2."""
+    return act if conv2_weight is not None else "identity"
 
 
 def eca(
@@ -222,7 +220,7 @@ def eca(
     mixes them across channels. `act` is unused without conv2_weight.
     """
     _check_eca(x, conv_weight, conv_bias, conv2_weight, conv2_bias, circular)
-    choice, act_name, gate_name = _eca_plan(x, conv2_weight, act, gate)
+    choice, act_name, gate_name = _gate_plan(x, _eca_act(conv2_weight, act), gate)
     if choice.backend == "reference":
         return reference.eca(x, conv_weight, conv_bias, conv2_weight, conv2_bias, circular=circular, act=act, gate=gate)
     if conv2_weight is None:
@@ -260,9 +258,9 @@ def _cbam_plan(x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bi
     elif bn_training and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
         reason = "BatchNorm in training needs more than one value per channel"
     elif act_name is None:
-        reason = f"act {act!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+        reason = _no_formula("act", act)
     elif gate_name is None:
-        reason = f"gate {gate!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+        reason = _no_formula("gate", gate)
     return dispatch(x, reason), act_name, gate_name
 
 
@@ -365,9 +363,9 @@ def _gc_plan(x, attn_weight, attn_bias, scale_weights, add_weights, act, gate):
         reason = (f"x has {x.shape[1]} channels; the attention-pooling kernels hold a pixel's channels on chip "
                   f"and take at most {ATTENTION_POOL_MAX_CHANNELS}")
     elif act_name is None:
-        reason = f"act {act!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+        reason = _no_formula("act", act)
     elif gate_name is None and scale:
-        reason = f"gate {gate!r} has no fused formula (fused: {', '.join(sorted(ACTIVATIONS))})"
+        reason = _no_formula("gate", gate)
     return dispatch(x, reason), act_name, gate_name or "sigmoid", scale, add
 
 

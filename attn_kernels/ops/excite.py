@@ -37,9 +37,15 @@ def _branches(pool: str, mean: Tensor, xmax: Tensor) -> List[Tensor]:
             "avg+max": lambda: [mean, xmax], "max": lambda: [xmax]}[pool]()
 
 
-def _matrix(weight: Tensor, dtype: torch.dtype) -> Tensor:
+def matrix(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """A 1x1-conv or linear weight as an (out, in) matrix in the math dtype."""
     return weight.reshape(weight.shape[0], -1).to(dtype)
+
+
+def linear(v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """v @ W.t() + b in v's dtype, W a 1x1-conv or linear weight."""
+    w = matrix(weight, v.dtype)
+    return torch.addmm(bias.to(v.dtype), v, w.t()) if bias is not None else v @ w.t()
 
 
 class Excitation(NamedTuple):
@@ -64,19 +70,17 @@ def _channel_conv_input(h: Tensor, weight: Tensor, mix: str) -> Tensor:
 
 def _first_layer(mix: str, p: Tensor, fc1_weight: Optional[Tensor], fc1_bias: Optional[Tensor]) -> Tensor:
     if mix == "mlp":
-        w1 = _matrix(fc1_weight, p.dtype)
-        return torch.addmm(fc1_bias.to(p.dtype), p, w1.t()) if fc1_bias is not None else p @ w1.t()
+        return linear(p, fc1_weight, fc1_bias)
     if fc1_weight is None:
         return p[:, None, :]
     # A 1x1 Conv1d(1, R) over the channel axis: R scaled copies of p.
-    h = _matrix(fc1_weight, p.dtype).reshape(1, -1, 1) * p[:, None, :]
+    h = matrix(fc1_weight, p.dtype).reshape(1, -1, 1) * p[:, None, :]
     return h + fc1_bias.to(p.dtype).reshape(1, -1, 1) if fc1_bias is not None else h
 
 
 def _second_layer(mix: str, h: Tensor, fc2_weight: Tensor, fc2_bias: Optional[Tensor]) -> Tensor:
     if mix == "mlp":
-        w2 = _matrix(fc2_weight, h.dtype)
-        return torch.addmm(fc2_bias.to(h.dtype), h, w2.t()) if fc2_bias is not None else h @ w2.t()
+        return linear(h, fc2_weight, fc2_bias)
     bias = fc2_bias.to(h.dtype) if fc2_bias is not None else None
     padding = _conv_padding(fc2_weight, mix)[0]
     z = torch.nn.functional.conv1d(_channel_conv_input(h, fc2_weight, mix), fc2_weight.to(h.dtype), bias, padding=padding)
@@ -96,7 +100,7 @@ def excite(mix, pool, mean, xmax, fc1_weight, fc1_bias, fc2_weight, fc2_bias, ac
 def _second_layer_backward(mix, dz: Tensor, h: Tensor, fc2_weight: Tensor) -> Tuple[Tensor, Tensor]:
     """(d h, d fc2_weight) of z = second_layer(h), in the math dtype."""
     if mix == "mlp":
-        w2 = _matrix(fc2_weight, dz.dtype)
+        w2 = matrix(fc2_weight, dz.dtype)
         return dz @ w2, dz.t() @ h
     padding, manual = _conv_padding(fc2_weight, mix)
     w2 = fc2_weight.to(dz.dtype)
@@ -116,10 +120,10 @@ def _second_layer_backward(mix, dz: Tensor, h: Tensor, fc2_weight: Tensor) -> Tu
 def _first_layer_backward(mix, dh: Tensor, p: Tensor, fc1_weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """(d p, d fc1_weight, d fc1_bias) of h = first_layer(p), given d h (before the activation)."""
     if mix == "mlp":
-        return dh @ _matrix(fc1_weight, dh.dtype), dh.t() @ p, dh.sum(0)
+        return dh @ matrix(fc1_weight, dh.dtype), dh.t() @ p, dh.sum(0)
     if fc1_weight is None:
         return dh[:, 0], None, None
-    w1 = _matrix(fc1_weight, dh.dtype).reshape(1, -1, 1)
+    w1 = matrix(fc1_weight, dh.dtype).reshape(1, -1, 1)
     return (dh * w1).sum(1), (dh * p[:, None, :]).sum((0, 2)), dh.sum((0, 2))
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..activations import ACTIVATIONS
 from .channel_gate import same_layout_as
+from .excite import linear, matrix
 from .primitives import acc_dtype, primitives
 
 
@@ -37,12 +38,12 @@ class Transform(NamedTuple):
 def transform(weights: List[Tensor], ctx: Tensor, eps: float, act: str) -> Transform:
     w1, b1, ln_w, ln_b, w2, b2 = weights
     dtype = ctx.dtype
-    hidden = torch.addmm(b1.to(dtype), ctx, w1.reshape(w1.shape[0], -1).to(dtype).t())
+    hidden = linear(ctx, w1, b1)
     centered = hidden - hidden.mean(1, keepdim=True)
     rstd = torch.rsqrt((centered * centered).mean(1, keepdim=True) + eps)
     normalized = centered * rstd
     pre_act = normalized * ln_w.reshape(-1).to(dtype) + ln_b.reshape(-1).to(dtype)
-    out = torch.addmm(b2.to(dtype), ACTIVATIONS[act].forward(pre_act), w2.reshape(w2.shape[0], -1).to(dtype).t())
+    out = linear(ACTIVATIONS[act].forward(pre_act), w2, b2)
     return Transform(hidden, rstd, normalized, pre_act, out)
 
 
@@ -53,14 +54,14 @@ def transform_backward(weights: List[Tensor], ctx: Tensor, t: Transform, dout: T
     dtype = ctx.dtype
     activated = ACTIVATIONS[act].forward(t.pre_act)
     dw2 = dout.t() @ activated
-    dpre = (dout @ w2.reshape(w2.shape[0], -1).to(dtype)) * ACTIVATIONS[act].derivative(t.pre_act)
+    dpre = (dout @ matrix(w2, dtype)) * ACTIVATIONS[act].derivative(t.pre_act)
     dln_w = (dpre * t.normalized).sum(0)
     dln_b = dpre.sum(0)
     dnorm = dpre * ln_w.reshape(-1).to(dtype)
     dhidden = t.rstd * (dnorm - dnorm.mean(1, keepdim=True)
                         - t.normalized * (dnorm * t.normalized).mean(1, keepdim=True))
     dw1 = dhidden.t() @ ctx
-    dctx = dhidden @ w1.reshape(w1.shape[0], -1).to(dtype)
+    dctx = dhidden @ matrix(w1, dtype)
     grads = [dw1, dhidden.sum(0), dln_w, dln_b, dw2, dout.sum(0)]
     return dctx, [g.reshape(w.shape).to(w.dtype) for g, w in zip(grads, weights)]
 

@@ -73,12 +73,9 @@ def _pool_kernel(
 
 
 def _check_weights(op, x, weight, bias):
-    acc = acc_dtype(x.dtype)
     C = x.shape[1]
-    for name, t, shape in (("weight", weight, (C,)), ("bias", bias, (1,))):
-        if tuple(t.shape) != shape or t.dtype != acc or not t.is_contiguous() or t.device != x.device:
-            raise ValueError(f"{op}(): argument '{name}' must be a contiguous {acc} tensor of shape {shape} on "
-                             f"{x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    check_stats(op, x, (C,), weight=weight)
+    check_stats(op, x, (1,), bias=bias)
     if C > ATTENTION_POOL_MAX_CHANNELS:
         raise ValueError(f"{op}(): argument 'x' has {C} channels; at most {ATTENTION_POOL_MAX_CHANNELS} are supported")
 
