@@ -8,17 +8,22 @@
     with attn_kernels.use_backend("triton"):     # 'auto' (default), 'cuda', 'triton', 'reference'
         y = se(x)
     print(se.dispatch(x))                        # which backend runs, and why others did not
+    attn_kernels.patch(model, verbose=True)      # fuse the attention modules of a timm/torchvision model
 """
 from . import functional, reference
 from .backends import BACKENDS, Dispatch, get_backend, set_backend, use_backend
 from .nn import (
-    FusedCBAM, FusedCBAMOfficial, FusedCECA, FusedChannelAttn, FusedContextBlock, FusedECA, FusedECAOfficial, FusedGC,
-    FusedSE, FusedSpatialAttn,
+    FusedCBAM, FusedCBAMOfficial, FusedCECA, FusedChannelAttn, FusedContextBlock, FusedECA, FusedECAOfficial,
+    FusedEffectiveSE, FusedGC, FusedLightCBAM, FusedLightChannelAttn, FusedLightSpatialAttn, FusedSE, FusedSpatialAttn,
+    FusedSqueezeExcitation, FusedSqueezeExcite,
 )
+from .patch import PatchReport, patch, patch_report, unpatch
 
 __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "Dispatch", "FusedCBAM", "FusedCBAMOfficial", "FusedCECA", "FusedChannelAttn", "FusedContextBlock",
-    "FusedECA", "FusedECAOfficial", "FusedGC", "FusedSE", "FusedSpatialAttn",
-    "functional", "get_backend", "reference", "set_backend", "use_backend",
+    "FusedECA", "FusedECAOfficial", "FusedEffectiveSE", "FusedGC", "FusedLightCBAM", "FusedLightChannelAttn",
+    "FusedLightSpatialAttn", "FusedSE", "FusedSpatialAttn", "FusedSqueezeExcitation", "FusedSqueezeExcite",
+    "PatchReport", "functional", "get_backend", "patch", "patch_report", "reference", "set_backend", "unpatch",
+    "use_backend",
 ]

@@ -13,6 +13,7 @@ from .activations import ACTIVATIONS, kernel_activation_name
 from .backends import Dispatch, dispatch
 from .ops.cbam import cbam_forward
 from .ops.channel_gate import channel_gate_forward
+from .ops.excite import POOLS
 from .ops.gc import gc_forward
 from .ops.primitives import ATTENTION_POOL_MAX_CHANNELS
 
@@ -65,15 +66,31 @@ def _check_activation_input(x: Tensor):
 
 
 
-def _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
-    """x and the weights of a channel MLP: 1x1-conv (R, C, 1, 1) or linear (R, C) weights."""
+def _shape_of(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__
+
+
+def _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_optional=False):
+    """x and the weights of a channel MLP: 1x1-conv (R, C, 1, 1) or linear (R, C) weights. With
+    fc1_optional, fc1 may be absent: fc2 alone is then a (C, C) layer."""
     _check_activation_input(x)
+    channels = x.shape[1]
+    if fc1_weight is None and fc1_optional:
+        if fc1_bias is not None:
+            raise ValueError("fc1_bias must be None when fc1_weight is None")
+        if not isinstance(fc2_weight, Tensor) or fc2_weight.dim() not in (2, 4):
+            raise ValueError(f"fc2_weight must be a ({channels}, {channels}, 1, 1) or ({channels}, {channels}) "
+                             f"tensor without fc1_weight, got {_shape_of(fc2_weight)}")
+        tail = (1, 1) if fc2_weight.dim() == 4 else ()
+        _check_tensor("fc2_weight", fc2_weight, (channels, channels, *tail), x)
+        _check_tensor("fc2_bias", fc2_bias, (channels,), x, optional=True)
+        return
     if not isinstance(fc1_weight, Tensor) or fc1_weight.dim() not in (2, 4):
         raise ValueError(
-            "fc1_weight must be a (rd_channels, channels, 1, 1) or (rd_channels, channels) tensor, got "
-            f"{tuple(fc1_weight.shape) if isinstance(fc1_weight, Tensor) else type(fc1_weight).__name__}"
+            f"fc1_weight must be a (rd_channels, channels, 1, 1) or (rd_channels, channels) tensor, got "
+            f"{_shape_of(fc1_weight)}"
         )
-    channels, rd_channels = x.shape[1], fc1_weight.shape[0]
+    rd_channels = fc1_weight.shape[0]
     if fc1_weight.shape[1] != channels:
         raise ValueError(f"x has {channels} channels but fc1_weight expects {fc1_weight.shape[1]}")
     tail = (1, 1) if fc1_weight.dim() == 4 else ()
@@ -106,7 +123,7 @@ def gate_dispatch(
 
 def se(
     x: Tensor,
-    fc1_weight: Tensor,
+    fc1_weight: Optional[Tensor],
     fc1_bias: Optional[Tensor],
     fc2_weight: Tensor,
     fc2_bias: Optional[Tensor],
@@ -120,9 +137,12 @@ def se(
 
     fc weights are 1x1-conv weights, (rd_channels, C, 1, 1) and (C, rd_channels, 1, 1). `act` and
     `gate` are names from attn_kernels.activations.ACTIVATIONS or modules; anything the kernels lack
-    (another callable, a `norm`) runs through the reference.
+    (another callable, a `norm`) runs through the reference. Without fc1 (fc1_weight and fc1_bias
+    None), timm's EffectiveSEModule: x * gate(fc2(pool(x))) with fc2 (C, C, 1, 1); act and norm unused.
     """
-    _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, fc1_optional=True)
+    if fc1_weight is None:
+        act, norm = "identity", None
     choice, act_name, gate_name = _gate_plan(x, act, gate, norm)
     if choice.backend == "reference":
         return reference.se(
@@ -146,7 +166,8 @@ def channel_attn(
     gate: Act = "sigmoid",
 ) -> Tensor:
     """CBAM's channel attention, as timm's ChannelAttn: x * gate(mlp(mean_hw(x)) + mlp(max_hw(x)))
-    with mlp(p) = fc2(act(fc1(p))) shared by both branches; pool 'avg' or 'max' keeps one branch.
+    with mlp(p) = fc2(act(fc1(p))) shared by both branches; pool 'avg' or 'max' keeps one branch,
+    'mix' is timm's LightChannelAttn: x * gate(mlp(0.5 * mean_hw(x) + 0.5 * max_hw(x))).
     Weights are 1x1-conv (as in `se`) or linear (rd_channels, C) and (C, rd_channels)."""
     _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     _check_pool(pool)
@@ -232,8 +253,8 @@ def eca(
 
 
 def _check_pool(pool):
-    if pool not in ("avg", "max", "avg+max"):
-        raise ValueError(f"pool must be 'avg', 'max' or 'avg+max', got {pool!r}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(map(repr, POOLS))}, got {pool!r}")
 
 
 def _cbam_plan(x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, act, gate):

@@ -2,6 +2,7 @@
 import math
 from typing import Optional, Type, Union
 
+import torch
 from torch import Tensor, nn
 
 from . import functional as F
@@ -10,7 +11,9 @@ from .backends import Dispatch
 
 __all__ = [
     "FusedCBAM", "FusedCBAMOfficial", "FusedCECA", "FusedChannelAttn", "FusedContextBlock", "FusedECA",
-    "FusedECAOfficial", "FusedGC", "FusedSE", "FusedSpatialAttn", "make_divisible",
+    "FusedECAOfficial", "FusedEffectiveSE", "FusedGC", "FusedLightCBAM", "FusedLightChannelAttn",
+    "FusedLightSpatialAttn", "FusedSE", "FusedSpatialAttn", "FusedSqueezeExcitation", "FusedSqueezeExcite",
+    "make_divisible",
 ]
 
 
@@ -77,6 +80,105 @@ class FusedSE(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.fc1.in_channels}, rd_channels={self.fc1.out_channels}, add_maxpool={self.add_maxpool}"
+
+
+class FusedEffectiveSE(nn.Module):
+    """Effective Squeeze-Excitation (CenterMask), a drop-in for timm.layers.EffectiveSEModule (same
+    arguments and state_dict): y = x * gate(fc(mean_hw(x))), one (C, C) 1x1 conv; with add_maxpool
+    the pooled vector is 0.5*mean + 0.5*max. SE's fused op without its first layer."""
+
+    def __init__(
+        self,
+        channels: int,
+        add_maxpool: bool = False,
+        gate_layer: Union[str, Type[nn.Module]] = "hard_sigmoid",
+        device=None,
+        dtype=None,
+        **_,
+    ):
+        super().__init__()
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        self.add_maxpool = add_maxpool
+        self.fc = nn.Conv2d(channels, channels, kernel_size=1, padding=0, device=device, dtype=dtype)
+        self.gate = create_act_layer(gate_layer, argument="gate_layer")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.se(x, None, None, self.fc.weight, self.fc.bias, add_maxpool=self.add_maxpool, gate=self.gate)
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        return F.gate_dispatch(x, act="identity", gate=self.gate)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.fc.in_channels}, add_maxpool={self.add_maxpool}"
+
+
+class FusedSqueezeExcite(nn.Module):
+    """The SE of timm's EfficientNet and MobileNet family, a drop-in for
+    timm.models._efficientnet_blocks.SqueezeExcite (same arguments and state_dict: conv_reduce,
+    conv_expand): y = x * gate(conv_expand(act1(conv_reduce(mean_hw(x))))), SE's fused op."""
+
+    def __init__(
+        self,
+        in_chs: int,
+        rd_ratio: float = 0.25,
+        rd_channels: Optional[int] = None,
+        act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
+        gate_layer: Union[str, Type[nn.Module]] = nn.Sigmoid,
+        force_act_layer: Optional[Union[str, Type[nn.Module]]] = None,
+        rd_round_fn=None,
+        device=None,
+        dtype=None,
+    ):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        if not isinstance(in_chs, int) or in_chs < 1:
+            raise ValueError(f"in_chs must be a positive int, got {in_chs!r}")
+        if rd_channels is None:
+            rd_channels = (rd_round_fn or round)(in_chs * rd_ratio)
+        self.conv_reduce = nn.Conv2d(in_chs, rd_channels, 1, bias=True, **dd)
+        self.act1 = create_act_layer(force_act_layer or act_layer, inplace=True, argument="act_layer")
+        self.conv_expand = nn.Conv2d(rd_channels, in_chs, 1, bias=True, **dd)
+        self.gate = create_act_layer(gate_layer, argument="gate_layer")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.se(x, self.conv_reduce.weight, self.conv_reduce.bias, self.conv_expand.weight,
+                    self.conv_expand.bias, act=self.act1, gate=self.gate)
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        return F.gate_dispatch(x, act=self.act1, gate=self.gate)
+
+    def extra_repr(self) -> str:
+        return f"in_chs={self.conv_reduce.in_channels}, rd_channels={self.conv_reduce.out_channels}"
+
+
+class FusedSqueezeExcitation(nn.Module):
+    """SE in torchvision's layout, a drop-in for torchvision.ops.SqueezeExcitation(input_channels,
+    squeeze_channels, activation, scale_activation) (same state_dict: fc1, fc2):
+    y = scale_activation(fc2(activation(fc1(mean_hw(x))))) * x, SE's fused op."""
+
+    def __init__(self, input_channels: int, squeeze_channels: int, activation=nn.ReLU, scale_activation=nn.Sigmoid):
+        super().__init__()
+        if not isinstance(input_channels, int) or input_channels < 1:
+            raise ValueError(f"input_channels must be a positive int, got {input_channels!r}")
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(input_channels, squeeze_channels, 1)
+        self.fc2 = nn.Conv2d(squeeze_channels, input_channels, 1)
+        self.activation = activation()
+        self.scale_activation = scale_activation()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.se(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+                    act=self.activation, gate=self.scale_activation)
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        return F.gate_dispatch(x, act=self.activation, gate=self.scale_activation)
+
+    def extra_repr(self) -> str:
+        return f"input_channels={self.fc1.in_channels}, squeeze_channels={self.fc1.out_channels}"
 
 
 def _eca_kernel_size(channels, kernel_size, gamma, beta) -> int:
@@ -345,6 +447,108 @@ class FusedCBAM(nn.Module):
                                act=self.channel.act, gate=self.channel.gate)
 
 
+class FusedLightChannelAttn(FusedChannelAttn):
+    """The channel half of timm's LightCbamModule, a drop-in for timm.layers.cbam.LightChannelAttn
+    (same arguments and state_dict): y = x * sigmoid(mlp(0.5 * mean_hw(x) + 0.5 * max_hw(x))). As in
+    timm, the gate is the sigmoid whatever gate_layer says."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.channel_attn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, pool="mix",
+                              act=self.act)
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        return F.gate_dispatch(x, act=self.act)
+
+
+def _light_conv_weight(weight: Tensor) -> Tensor:
+    """LightSpatialAttn's (1, 1, k, k) conv of 0.5 * mean_c + 0.5 * max_c as the (1, 2, k, k) conv
+    of [mean_c, max_c] the fused op takes: the same function, half the weight on each map."""
+    half = 0.5 * weight
+    return torch.cat([half, half], dim=1)
+
+
+class FusedLightSpatialAttn(nn.Module):
+    """The spatial half of timm's LightCbamModule, a drop-in for timm.layers.cbam.LightSpatialAttn
+    (same arguments and state_dict): y = x * gate(BN(conv_kxk(0.5 * mean_c x + 0.5 * max_c x)))."""
+
+    def __init__(self, kernel_size: int = 7, gate_layer: Union[str, Type[nn.Module]] = "sigmoid", device=None, dtype=None):
+        super().__init__()
+        self.conv = ConvBn(1, 1, kernel_size, device=device, dtype=dtype)
+        self.gate = create_act_layer(gate_layer, argument="gate_layer")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.cbam(x, None, None, None, None, _light_conv_weight(self.conv.conv.weight),
+                      **_batch_norm_arguments(self.conv.bn), gate=self.gate)
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        return F.cbam_dispatch(x, _light_conv_weight(self.conv.conv.weight), **_batch_norm_tensors(self.conv.bn),
+                               gate=self.gate)
+
+
+class FusedLightCBAM(nn.Module):
+    """timm's 'lightweight' CBAM, a drop-in for timm.layers.cbam.LightCbamModule (same arguments and
+    state_dict): FusedLightChannelAttn (.channel) then FusedLightSpatialAttn (.spatial), one fused op
+    that pools 0.5 * mean + 0.5 * max on both sides. As in timm, gate_layer reaches neither half:
+    the channel gate is the sigmoid, and so is the spatial one by default."""
+
+    def __init__(
+        self,
+        channels: int,
+        rd_ratio: float = 1.0 / 16,
+        rd_channels: Optional[int] = None,
+        rd_divisor: int = 1,
+        spatial_kernel_size: int = 7,
+        act_layer: Union[str, Type[nn.Module]] = nn.ReLU,
+        gate_layer: Union[str, Type[nn.Module]] = "sigmoid",
+        mlp_bias: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.channel = FusedLightChannelAttn(
+            channels, rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor, act_layer=act_layer,
+            gate_layer=gate_layer, mlp_bias=mlp_bias, **dd,
+        )
+        self.spatial = FusedLightSpatialAttn(spatial_kernel_size, **dd)
+
+    def _fusable(self) -> bool:
+        # One op applies one gate formula to both halves, and the channel half's is the sigmoid.
+        return kernel_activation_name(self.spatial.gate) == "sigmoid"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._fusable():
+            return self.spatial(self.channel(x))
+        ch, conv = self.channel, self.spatial.conv
+        return F.cbam(x, ch.fc1.weight, ch.fc1.bias, ch.fc2.weight, ch.fc2.bias, _light_conv_weight(conv.conv.weight),
+                      **_batch_norm_arguments(conv.bn), pool="mix", act=ch.act)
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend forward(x) runs on, and why each backend before it was passed over."""
+        conv = self.spatial.conv
+        if not self._fusable():
+            return F.cbam_dispatch(x, _light_conv_weight(conv.conv.weight), **_batch_norm_tensors(conv.bn),
+                                   gate=self.spatial.gate)
+        return F.cbam_dispatch(x, _light_conv_weight(conv.conv.weight), **_batch_norm_tensors(conv.bn),
+                               act=self.channel.act)
+
+
+# The official CBAM's parts. Patched modules (attn_kernels.patch) keep their own children, so the
+# fused forwards read the children's attributes through these functions, never their methods.
+def _official_pool(channel_gate: nn.Module) -> str:
+    """The op's pool for the official ChannelGate's pool_types."""
+    types = set(channel_gate.pool_types)
+    return "avg+max" if types == {"avg", "max"} else types.pop()
+
+
+def _official_conv_weight(spatial_gate: nn.Module) -> Tensor:
+    """The official SpatialGate's conv weight as the op takes it: the official code pools
+    [max, mean] over channels, the op [mean, max]."""
+    return spatial_gate.spatial.conv.weight.flip(1)
+
+
 class _OfficialChannelGate(nn.Module):
     def __init__(self, gate_channels: int, reduction_ratio: int, pool_types, **dd):
         super().__init__()
@@ -357,11 +561,24 @@ class _OfficialChannelGate(nn.Module):
         )
         self.pool_types = list(pool_types)
 
+    def forward(self, x: Tensor) -> Tensor:
+        fc1, fc2 = self.mlp[1], self.mlp[3]
+        return F.channel_attn(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, pool=_official_pool(self))
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        return F.gate_dispatch(x)
+
 
 class _OfficialSpatialGate(nn.Module):
     def __init__(self, **dd):
         super().__init__()
         self.spatial = ConvBn(2, 1, 7, bn_momentum=0.01, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.cbam(x, None, None, None, None, _official_conv_weight(self), **_batch_norm_arguments(self.spatial.bn))
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        return F.cbam_dispatch(x, _official_conv_weight(self), **_batch_norm_tensors(self.spatial.bn))
 
 
 class FusedCBAMOfficial(nn.Module):
@@ -389,26 +606,19 @@ class FusedCBAMOfficial(nn.Module):
         if not no_spatial:
             self.SpatialGate = _OfficialSpatialGate(**dd)
 
-    def _pool(self) -> str:
-        types = set(self.ChannelGate.pool_types)
-        return "avg+max" if types == {"avg", "max"} else types.pop()
-
     def forward(self, x: Tensor) -> Tensor:
         fc1, fc2 = self.ChannelGate.mlp[1], self.ChannelGate.mlp[3]
+        pool = _official_pool(self.ChannelGate)
         if self.no_spatial:
-            return F.channel_attn(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, pool=self._pool())
-        spatial = self.SpatialGate.spatial
-        # The official code pools [max, mean] over channels; the op takes [mean, max].
-        conv_weight = spatial.conv.weight.flip(1)
-        return F.cbam(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, conv_weight,
-                      **_batch_norm_arguments(spatial.bn), pool=self._pool())
+            return F.channel_attn(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, pool=pool)
+        return F.cbam(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, _official_conv_weight(self.SpatialGate),
+                      **_batch_norm_arguments(self.SpatialGate.spatial.bn), pool=pool)
 
     def dispatch(self, x: Tensor) -> Dispatch:
         """The backend forward(x) runs on, and why each backend before it was passed over."""
         if self.no_spatial:
             return F.gate_dispatch(x)
-        spatial = self.SpatialGate.spatial
-        return F.cbam_dispatch(x, spatial.conv.weight, **_batch_norm_tensors(spatial.bn))
+        return F.cbam_dispatch(x, _official_conv_weight(self.SpatialGate), **_batch_norm_tensors(self.SpatialGate.spatial.bn))
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -438,9 +648,12 @@ class ConvMlp(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.drop(self.act(self.norm(self.fc1(x)))))
 
-    def weights(self):
-        """The transform's tensors as attn_kernels.functional.gc takes them."""
-        return [self.fc1.weight, self.fc1.bias, self.norm.weight, self.norm.bias, self.fc2.weight, self.fc2.bias]
+
+def _conv_mlp_weights(mlp: Optional[nn.Module]):
+    """A ConvMlp's (ours or timm's) tensors as attn_kernels.functional.gc takes them; None without it."""
+    if mlp is None:
+        return None
+    return [mlp.fc1.weight, mlp.fc1.bias, mlp.norm.weight, mlp.norm.bias, mlp.fc2.weight, mlp.fc2.bias]
 
 
 class FusedGC(nn.Module):
@@ -494,8 +707,8 @@ class FusedGC(nn.Module):
         return {
             "attn_weight": self.conv_attn.weight if self.conv_attn is not None else None,
             "attn_bias": self.conv_attn.bias if self.conv_attn is not None else None,
-            "scale_weights": self.mlp_scale.weights() if self.mlp_scale is not None else None,
-            "add_weights": self.mlp_add.weights() if self.mlp_add is not None else None,
+            "scale_weights": _conv_mlp_weights(self.mlp_scale),
+            "add_weights": _conv_mlp_weights(self.mlp_add),
             "act": mlps[0].act if mlps else "relu",
             "gate": self.gate,
         }

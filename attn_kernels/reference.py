@@ -19,7 +19,7 @@ def _as_callable(act: Act) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def se(
     x: torch.Tensor,
-    fc1_weight: torch.Tensor,
+    fc1_weight: Optional[torch.Tensor],
     fc1_bias: Optional[torch.Tensor],
     fc2_weight: torch.Tensor,
     fc2_bias: Optional[torch.Tensor],
@@ -29,14 +29,16 @@ def se(
     gate: Act = "sigmoid",
     norm: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """timm.layers.SEModule.forward: x * gate(fc2(act(norm(fc1(pool(x))))))."""
+    """timm.layers.SEModule.forward: x * gate(fc2(act(norm(fc1(pool(x)))))); without fc1_weight,
+    timm.layers.EffectiveSEModule.forward: x * gate(fc2(pool(x)))."""
     x_se = x.mean((2, 3), keepdim=True)
     if add_maxpool:
         x_se = 0.5 * x_se + 0.5 * x.amax((2, 3), keepdim=True)
-    x_se = F.conv2d(x_se, fc1_weight, fc1_bias)
-    if norm is not None:
-        x_se = norm(x_se)
-    x_se = _as_callable(act)(x_se)
+    if fc1_weight is not None:
+        x_se = F.conv2d(x_se, fc1_weight, fc1_bias)
+        if norm is not None:
+            x_se = norm(x_se)
+        x_se = _as_callable(act)(x_se)
     x_se = F.conv2d(x_se, fc2_weight, fc2_bias)
     return x * _as_callable(gate)(x_se)
 
@@ -58,13 +60,17 @@ def channel_attn(
     gate: Act = "sigmoid",
 ) -> torch.Tensor:
     """timm.layers.cbam.ChannelAttn.forward: x * gate(mlp(mean_hw(x)) + mlp(max_hw(x))); pool
-    'avg' or 'max' keeps one branch (the official CBAM code's pool_types)."""
+    'avg' or 'max' keeps one branch (the official CBAM code's pool_types); 'mix' is
+    timm.layers.cbam.LightChannelAttn.forward: x * gate(mlp(0.5 * mean_hw(x) + 0.5 * max_hw(x)))."""
     act_fn = _as_callable(act)
 
     def mlp(p):
         hidden = act_fn(F.conv2d(p, _conv_weight(fc1_weight), fc1_bias))
         return F.conv2d(hidden, _conv_weight(fc2_weight), fc2_bias)
 
+    if pool == "mix":
+        x_pool = 0.5 * x.mean((2, 3), keepdim=True) + 0.5 * x.amax((2, 3), keepdim=True)
+        return x * _as_callable(gate)(mlp(x_pool))
     branches = []
     if pool in ("avg", "avg+max"):
         branches.append(mlp(x.mean((2, 3), keepdim=True)))

@@ -5,11 +5,13 @@
 #   2. python -m attn_kernels.info      what was built, and which backends run here
 #   3. python -m pytest -v -rs tests    the whole suite, GPU tests included
 #   4. python -m attn_kernels.bench     the latency/memory table, its CSV and PNG
+#   5. python -m attn_kernels.bench_train   training steps of whole timm models, eager/patched/compiled
 # A failed build stops the script (what follows would run stale or missing kernels); failed tests,
 # info or benchmark do not, but make the script exit non-zero at the end.
 #
-# Usage: benchmarks/gpu_check.sh [benchmark options]    e.g. --quick for a short benchmark
-# Output: benchmarks/results/<gpu>-<UTC date-time>/{gpu_check.log,bench.csv,bench.png}; when OUT
+# Usage: benchmarks/gpu_check.sh [benchmark options]    e.g. --quick for short benchmarks (both)
+# Output: benchmarks/results/<gpu>-<UTC date-time>/{gpu_check.log,bench.csv,bench.png,train_step.csv,
+# train_step.png}; when OUT
 # is set, the log is written there as it grows and the CSV and PNG are copied there at the end.
 # Environment: PYTHON (default: python).
 set -euo pipefail
@@ -30,7 +32,7 @@ fi
 
 copy_results_to_out() {
     if [[ -n "${OUT:-}" ]]; then
-        for f in "$run_dir/bench.csv" "$run_dir/bench.png"; do
+        for f in "$run_dir"/bench.{csv,png} "$run_dir"/train_step.{csv,png}; do
             if [[ -f "$f" ]]; then cp -f "$f" "$OUT/"; fi
         done
     fi
@@ -62,6 +64,10 @@ main() {
     step info "$PYTHON" -m attn_kernels.info || failed+=" info"
     step tests "$PYTHON" -m pytest -v -rs tests || failed+=" tests"
     step benchmark "$PYTHON" -m attn_kernels.bench --plot --csv "$run_dir/bench.csv" "$@" || failed+=" benchmark"
+    local train_args=()
+    if [[ " $* " == *" --quick "* ]]; then train_args=(--quick); fi
+    step train-benchmark "$PYTHON" -m attn_kernels.bench_train --plot --csv "$run_dir/train_step.csv" \
+        "${train_args[@]}" || failed+=" train-benchmark"
 
     echo
     if [[ -n "$failed" ]]; then

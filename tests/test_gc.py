@@ -267,7 +267,7 @@ def test_dispatch_falls_back_with_a_reason():
 def test_bad_input_names_the_argument():
     x = torch.randn(2, 8, 4, 4)
     module = attn_kernels.FusedGC(8, rd_ratio=0.25, fuse_add=True)
-    weights = module.mlp_scale.weights()
+    weights = module._arguments()["scale_weights"]
     with pytest.raises(ValueError, match="attn_weight must have shape \\(1, 8, 1, 1\\)"):
         F.gc(x, torch.randn(1, 6, 1, 1), None, weights, None)
     with pytest.raises(ValueError, match="scale_weights must hold the 6 tensors"):

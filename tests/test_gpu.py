@@ -6,6 +6,7 @@ import torch
 
 import attn_kernels
 from attn_kernels.ops.channel_gate import primitives
+import test_patch
 from helpers import check_kernel_against_reference, make_pair, make_x, run
 
 pytestmark = pytest.mark.gpu
@@ -122,3 +123,27 @@ def test_more_than_2_to_the_31_elements(backend, layout):
     torch.testing.assert_close(context, mean, rtol=1e-4, atol=1e-5)
     assert abs(context[-1, -1].item() - 0.5) < 1e-5
     torch.testing.assert_close(lse, torch.full_like(lse, float(torch.tensor(4096.0 * 4100).log())))
+
+
+# ---- whole timm models, patched (tests/test_patch.py has the CPU versions and the helpers) -------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", test_patch.MODELS)
+def test_timm_model_patched_autocast_channels_last(name, train, dtype, backend):
+    test_patch.check_model(name, train, dtype, "channels_last", backend=backend, device="cuda", size=128)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", test_patch.MODELS)
+def test_timm_model_patched_float32(name, backend):
+    test_patch.check_model(name, True, torch.float32, "nchw", backend=backend, device="cuda", size=128)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", test_patch.MODELS)
+def test_timm_model_patched_compiles_without_graph_break(name, backend):
+    """Inductor with fullgraph=True, bf16 autocast, channels_last, one training step."""
+    test_patch.check_model(name, True, torch.bfloat16, "channels_last", backend=backend, device="cuda", size=64,
+                           compile=True)

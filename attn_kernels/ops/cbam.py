@@ -27,7 +27,7 @@ from torch import Tensor
 from ..activations import ACTIVATIONS
 from .channel_gate import same_layout_as
 from .excite import excite, excite_backward
-from .primitives import acc_dtype, primitives
+from .primitives import acc_dtype, fused_op, primitives
 
 def _conv_maps(smean, smax, shape, conv_weight):
     """(maps, z): the pooled maps [mean_c u, max_c u] as (N, 2, H, W) and their k x k conv."""
@@ -44,7 +44,7 @@ def _batch_norm(z, mean, var, weight, bias, eps):
     return invstd, normalized, normalized * weight.to(z.dtype) + bias.to(z.dtype)
 
 
-@torch.library.custom_op("attn_kernels::cbam_forward", mutates_args=())
+@fused_op("attn_kernels::cbam_forward")
 def cbam_forward(
     x: Tensor,
     fc1_weight: Optional[Tensor],
@@ -102,7 +102,7 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_
     )
 
 
-@torch.library.custom_op("attn_kernels::cbam_backward", mutates_args=())
+@fused_op("attn_kernels::cbam_backward")
 def cbam_backward(
     dy: Tensor,
     x: Tensor,

@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from .excite import excite, excite_backward, uses_max
-from .primitives import acc_dtype, primitives
+from .primitives import acc_dtype, fused_op, primitives
 
 
-@torch.library.custom_op("attn_kernels::channel_gate_forward", mutates_args=())
+@fused_op("attn_kernels::channel_gate_forward")
 def channel_gate_forward(
     x: Tensor,
     fc1_weight: Optional[Tensor],
@@ -48,7 +48,7 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, mix, act, gate, backe
     return torch.empty_like(x), x.new_empty(stats, dtype=acc), x.new_empty(stats if uses_max(pool) else (0,), dtype=acc)
 
 
-@torch.library.custom_op("attn_kernels::channel_gate_backward", mutates_args=())
+@fused_op("attn_kernels::channel_gate_backward")
 def channel_gate_backward(
     dy: Tensor,
     x: Tensor,

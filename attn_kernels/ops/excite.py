@@ -15,7 +15,8 @@ with no activation-sized intermediate handed between autograd nodes.
     'conv'           conv1d across channels, zero padding: w2 * h + b2, where     ECA
                      h = p, or h = act(w1 p + b1) (R hidden maps) with a first conv
     'circular_conv'  the same with circular padding                               CECA
-and the gate is gate(z). The fc1 weights (w1, b1) are optional for the conv mixes only.
+and the gate is gate(z). The fc1 weights (w1, b1) are optional: without them h = p and no
+activation applies ('mlp' is then one linear layer, W2 p + b2: timm's EffectiveSEModule).
 """
 from typing import List, NamedTuple, Optional, Tuple
 
@@ -69,10 +70,10 @@ def _channel_conv_input(h: Tensor, weight: Tensor, mix: str) -> Tensor:
 
 
 def _first_layer(mix: str, p: Tensor, fc1_weight: Optional[Tensor], fc1_bias: Optional[Tensor]) -> Tensor:
+    if fc1_weight is None:
+        return p if mix == "mlp" else p[:, None, :]
     if mix == "mlp":
         return linear(p, fc1_weight, fc1_bias)
-    if fc1_weight is None:
-        return p[:, None, :]
     # A 1x1 Conv1d(1, R) over the channel axis: R scaled copies of p.
     h = matrix(fc1_weight, p.dtype).reshape(1, -1, 1) * p[:, None, :]
     return h + fc1_bias.to(p.dtype).reshape(1, -1, 1) if fc1_bias is not None else h
@@ -90,8 +91,8 @@ def _second_layer(mix: str, h: Tensor, fc2_weight: Tensor, fc2_bias: Optional[Te
 def excite(mix, pool, mean, xmax, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act: str, gate: str) -> Excitation:
     inputs = _branches(pool, mean, xmax)
     hidden_pre = [_first_layer(mix, p, fc1_weight, fc1_bias) for p in inputs]
-    # Without a first layer (plain ECA) there is no activation either.
-    act_fn = ACTIVATIONS[act].forward if mix == "mlp" or fc1_weight is not None else ACTIVATIONS["identity"].forward
+    # Without a first layer (plain ECA, effective SE) there is no activation either.
+    act_fn = ACTIVATIONS[act].forward if fc1_weight is not None else ACTIVATIONS["identity"].forward
     hidden = [act_fn(h) for h in hidden_pre]
     logits = sum(_second_layer(mix, a, fc2_weight, fc2_bias) for a in hidden)
     return Excitation(inputs, hidden_pre, hidden, logits, ACTIVATIONS[gate].forward(logits))
@@ -119,10 +120,10 @@ def _second_layer_backward(mix, dz: Tensor, h: Tensor, fc2_weight: Tensor) -> Tu
 
 def _first_layer_backward(mix, dh: Tensor, p: Tensor, fc1_weight: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """(d p, d fc1_weight, d fc1_bias) of h = first_layer(p), given d h (before the activation)."""
+    if fc1_weight is None:
+        return (dh if mix == "mlp" else dh[:, 0]), None, None
     if mix == "mlp":
         return dh @ matrix(fc1_weight, dh.dtype), dh.t() @ p, dh.sum(0)
-    if fc1_weight is None:
-        return dh[:, 0], None, None
     w1 = matrix(fc1_weight, dh.dtype).reshape(1, -1, 1)
     return (dh * w1).sum(1), (dh * p[:, None, :]).sum((0, 2)), dh.sum((0, 2))
 

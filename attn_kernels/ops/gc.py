@@ -24,7 +24,7 @@ from torch import Tensor
 from ..activations import ACTIVATIONS
 from .channel_gate import same_layout_as
 from .excite import linear, matrix
-from .primitives import acc_dtype, primitives
+from .primitives import acc_dtype, fused_op, primitives
 
 
 class Transform(NamedTuple):
@@ -74,7 +74,7 @@ def _attention_weights(x: Tensor, attn_weight: Tensor, attn_bias: Optional[Tenso
     return weight, bias
 
 
-@torch.library.custom_op("attn_kernels::gc_forward", mutates_args=())
+@fused_op("attn_kernels::gc_forward")
 def gc_forward(
     x: Tensor,
     attn_weight: Optional[Tensor],
@@ -111,7 +111,7 @@ def _(x, attn_weight, attn_bias, scale_weights, add_weights, scale_eps, add_eps,
     return torch.empty_like(x), x.new_empty(x.shape[:2], dtype=acc), x.new_empty(lse_shape, dtype=acc)
 
 
-@torch.library.custom_op("attn_kernels::gc_backward", mutates_args=())
+@fused_op("attn_kernels::gc_backward")
 def gc_backward(
     dy: Tensor,
     x: Tensor,

@@ -4,6 +4,8 @@ Both kernel backends implement the same functions with the same signatures: the 
 torch.ops.attn_kernels_cuda.<name> (csrc/), the Triton ones in attn_kernels.triton. Each kernel
 file says what its primitives compute.
 """
+import functools
+
 import torch
 
 
@@ -28,3 +30,19 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # The attention-pooling kernels of both backends hold all channels of a pixel on chip (registers
 # in Triton, shared memory in CUDA, whose kernel has the same limit), so C is bounded.
 ATTENTION_POOL_MAX_CHANNELS = 4096
+
+
+def fused_op(name: str):
+    """torch.library.custom_op(name) for a block's forward or backward, its body run with autocast
+    off: the op chooses its dtypes by hand (float32 statistics and per-(n, c) math, x's dtype in
+    and out), which an enclosing autocast region would otherwise recast to float16 or bfloat16."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def body(*args, **kwargs):
+            with torch.autocast(args[0].device.type, enabled=False):  # args[0]: x, or dy in backward
+                return fn(*args, **kwargs)
+
+        return torch.library.custom_op(name, mutates_args=())(body)
+
+    return decorate
