@@ -14,7 +14,7 @@ import contextlib
 import importlib.util
 import json
 import os
-from typing import Dict, NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -152,11 +152,13 @@ class Dispatch(NamedTuple):
         return "\n".join(lines)
 
 
-def dispatch(x: torch.Tensor, block_reason: Optional[str] = None) -> Dispatch:
+def dispatch(x: torch.Tensor, block_reason: Optional[str] = None,
+             kernels: Tuple[str, ...] = KERNEL_BACKENDS) -> Dispatch:
     """Pick the backend for `x` under the current setting.
 
     `block_reason`, when given, is why no kernel covers this block's configuration (an activation
     without a fused formula, a norm layer): every kernel backend is then passed over with it.
+    `kernels` are the backends with a kernel for this block (the newer blocks have Triton's only).
     """
     requested = _backend
     if requested == "reference":
@@ -168,7 +170,9 @@ def dispatch(x: torch.Tensor, block_reason: Optional[str] = None) -> Dispatch:
     passed_over = {}
     chosen = "reference"
     for backend in candidates:
-        if block_reason is not None:
+        if backend not in kernels:
+            why = f"this block has no {backend} kernel (it has: {', '.join(kernels)})"
+        elif block_reason is not None:
             why = block_reason
         elif requested == "auto" and x.device.type != "cuda":
             why = f"x is on {x.device}; 'auto' sends non-CUDA tensors to the reference"

@@ -34,10 +34,59 @@ except ImportError:
     sys.exit("attn_kernels.bench compares against timm's modules: pip install timm (or attn_kernels[bench])")
 
 
+# Multiples of |x| every implementation must move: fwd reads x and writes y; bwd reads x and dy, writes dx.
+COMPULSORY_PASSES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
+
+
 @dataclass
 class Block:
-    eager: Callable[[int], nn.Module]  # the timm module for C channels: the baseline
+    eager: Callable[[int], nn.Module]  # the timm module for C channels (or the papers' formula): the baseline
     fused: Callable[[int], nn.Module]  # its attn_kernels drop-in, taking the same state_dict
+    # Compulsory passes over x per direction, for GB/s and the floor; None where convs or matmuls
+    # inside the block (SK's branches, non-local's attention) make bandwidth the wrong yardstick.
+    passes: Optional[Dict[str, int]] = None
+    # The implementations of the fused module: kernel backends, or 'sdpa' (non-local's attention).
+    fused_impls: tuple = ("triton", "cuda")
+
+
+class EagerSAM(nn.Module):
+    """YOLOv4's SAM as darknet computes it, x * sigmoid(conv(x)); residual: Residual Attention's
+    (1 + sigmoid(mask)) * trunk with the mask a 1x1 conv of the trunk. FusedSAM's state_dict."""
+
+    def __init__(self, channels: int, spatial: bool = False, residual: bool = False):
+        super().__init__()
+        k = 7 if spatial else 1
+        self.conv = nn.Conv2d(channels, 1 if spatial else channels, k, padding=k // 2)
+        self.residual = residual
+
+    def forward(self, x):
+        mask = torch.sigmoid(self.conv(x))
+        return (1 + mask) * x if self.residual else x * mask
+
+
+class FusedResidualAttentionBench(EagerSAM):
+    """EagerSAM(residual=True) with the fused (1 + M) * T."""
+
+    def forward(self, x):
+        return attn_kernels.functional.residual_attention(x, self.conv(x))
+
+    def dispatch(self, x):
+        return attn_kernels.functional.sigmoid_gate_dispatch(x, x)  # x stands in for the mask logits
+
+
+class ATLoss(nn.Module):
+    """at_loss(x, teacher) with the teacher x itself, detached (the timing reads it as a second
+    activation); fused=False: the paper's formula (attn_kernels.reference)."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.loss = attn_kernels.at_loss if fused else attn_kernels.reference.at_loss
+
+    def forward(self, x):
+        return self.loss(x, x.detach())
+
+    def dispatch(self, x):
+        return attn_kernels.functional.at_map_dispatch(x)
 
 
 # One entry per block; a new block adds one line here.
@@ -50,14 +99,28 @@ BLOCKS: Dict[str, Block] = {
     "gc": Block(eager=lambda c: timm.layers.GlobalContext(c), fused=lambda c: attn_kernels.FusedGC(c)),
     "gca": Block(eager=lambda c: timm.layers.GlobalContext(c, fuse_add=True, fuse_scale=False),
                  fused=lambda c: attn_kernels.FusedGC(c, fuse_add=True, fuse_scale=False)),
+    # The whole SelectiveKernel (its two conv branches included, as a model runs it): stride 1, C -> C.
+    "sk": Block(eager=lambda c: timm.layers.SelectiveKernel(c), fused=lambda c: attn_kernels.FusedSelectiveKernel(c),
+                passes=None),
+    "sam": Block(eager=lambda c: EagerSAM(c), fused=lambda c: attn_kernels.FusedSAM(c), passes=None),
+    "sam_spatial": Block(eager=lambda c: EagerSAM(c, spatial=True),
+                         fused=lambda c: attn_kernels.FusedSAM(c, spatial=True), passes=None),
+    "resatt": Block(eager=lambda c: EagerSAM(c, residual=True), fused=lambda c: FusedResidualAttentionBench(c, residual=True),
+                    passes=None),
+    "nonlocal": Block(eager=lambda c: timm.layers.NonLocalAttn(c), fused=lambda c: attn_kernels.FusedNonLocalAttn(c),
+                      passes=None, fused_impls=("sdpa",)),
+    # Student and teacher of x's shape: fwd reads both, bwd reads the student and writes its gradient.
+    "at": Block(eager=lambda c: ATLoss(fused=False), fused=lambda c: ATLoss(fused=True),
+                passes={"fwd": 2, "bwd": 2, "fwd+bwd": 4}),
 }
+for _name in ("se", "cbam", "eca", "gc", "gca"):
+    BLOCKS[_name].passes = COMPULSORY_PASSES
 
 RESNET50_STAGES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]  # C, H, W of the SE sites
 QUICK_STAGES = [RESNET50_STAGES[0], RESNET50_STAGES[2]]
-IMPLS = ("eager", "compile", "triton", "cuda")  # baselines first: the kernels' speedups are relative to them
+# Baselines first: the speedups are relative to them. 'sdpa' is the non-local drop-ins' attention.
+IMPLS = ("eager", "compile", "triton", "cuda", "sdpa")
 DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
-# Multiples of |x| every implementation must move: fwd reads x and writes y; bwd reads x and dy, writes dx.
-COMPULSORY_PASSES = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 CSV_COLUMNS = [
@@ -203,12 +266,13 @@ def measure_case(case: Case, impls, do_bench, skip_reasons_shown: set):
     dtype = DTYPES[case.dtype]
     x = torch.randn(case.shape, device="cuda", dtype=dtype).contiguous(memory_format=LAYOUTS[case.layout])
     x.requires_grad_()
-    dy = torch.randn_like(x)  # keeps x's layout, as the gradient of y would
     channels = case.shape[1]
     block = BLOCKS[case.block]
     eager = block.eager(channels).to(device="cuda", dtype=dtype)
     fused = block.fused(channels).to(device="cuda", dtype=dtype)
     fused.load_state_dict(eager.state_dict(), strict=True)  # both compute the same function
+    with torch.no_grad():
+        dy = torch.randn_like(fused(x))  # in the output's shape and layout, as the gradient of y would be
     for impl in impls:
         context = contextlib.nullcontext()
         if impl == "eager":
@@ -217,6 +281,10 @@ def measure_case(case: Case, impls, do_bench, skip_reasons_shown: set):
             model = compiled_or_none(eager, x, dy, str(case))
             if model is None:
                 continue
+        elif impl not in block.fused_impls:
+            continue
+        elif impl == "sdpa":
+            model = fused
         else:
             with attn_kernels.use_backend(impl):
                 choice = fused.dispatch(x)  # the backend this module would really run on x
@@ -234,7 +302,7 @@ def measure_case(case: Case, impls, do_bench, skip_reasons_shown: set):
         yield impl, times, peak_mb
 
 
-TABLE_FORMAT = "{:<6} {:<16} {:<5} {:<13} {:<8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>9} {:>7} {:>6}"
+TABLE_FORMAT = "{:<11} {:<16} {:<5} {:<13} {:<8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>9} {:>7} {:>6}"
 TABLE_HEADER = ("block", "shape", "dtype", "layout", "impl", "fwd ms", "bwd ms", "f+b ms",
                 "xeager", "xcompile", "peak MB", "GB/s", "floor")
 
@@ -257,8 +325,12 @@ class Report:
         return baseline / ms if baseline is not None else None
 
     def throughput(self, case: Case, direction: str, ms: float):
-        """Achieved GB/s on the compulsory bytes, and its fraction of the floor (copy bandwidth)."""
-        compulsory_bytes = COMPULSORY_PASSES[direction] * torch.Size(case.shape).numel() * DTYPES[case.dtype].itemsize
+        """Achieved GB/s on the compulsory bytes, and its fraction of the floor (copy bandwidth);
+        (None, None) for a block without a bandwidth floor."""
+        passes = BLOCKS[case.block].passes
+        if passes is None:
+            return None, None
+        compulsory_bytes = passes[direction] * torch.Size(case.shape).numel() * DTYPES[case.dtype].itemsize
         gbps = compulsory_bytes / (ms * 1e-3) / 1e9
         return gbps, gbps / self.copy_gbps
 
@@ -273,7 +345,8 @@ class Report:
                 "block": case.block, "impl": impl, "direction": direction, "dtype": case.dtype,
                 "layout": case.layout, "shape": case.shape_text,
                 "median_ms": f"{median:.5f}", "p20_ms": f"{p20:.5f}", "p80_ms": f"{p80:.5f}",
-                "peak_mb": f"{peak_mb:.2f}", "gbps": f"{gbps:.1f}", "floor_fraction": f"{floor_fraction:.3f}",
+                "peak_mb": f"{peak_mb:.2f}", "gbps": "" if gbps is None else f"{gbps:.1f}",
+                "floor_fraction": "" if floor_fraction is None else f"{floor_fraction:.3f}",
                 "speedup_vs_eager": "" if vs_eager is None else f"{vs_eager:.3f}",
                 "speedup_vs_compile": "" if vs_compile is None else f"{vs_compile:.3f}",
                 **self.environment,
@@ -285,7 +358,8 @@ class Report:
         print(TABLE_FORMAT.format(
             case.block, case.shape_text, case.dtype, case.layout, impl,
             *(f"{times[d][0]:.3f}" for d in DIRECTIONS), speedup_text(vs_eager), speedup_text(vs_compile),
-            f"{peak_mb:.1f}", f"{gbps:.0f}", f"{floor_fraction:.0%}"), flush=True)
+            f"{peak_mb:.1f}", "-" if gbps is None else f"{gbps:.0f}",
+            "-" if floor_fraction is None else f"{floor_fraction:.0%}"), flush=True)
         if impl != "eager" and vs_eager is not None:
             self.speedups_to_plot.append((str(case), impl, vs_eager))
 

@@ -10,17 +10,22 @@ from torch import Tensor, nn
 
 from . import reference
 from .activations import ACTIVATIONS, kernel_activation_name
-from .backends import Dispatch, dispatch
+from .backends import KERNEL_BACKENDS, Dispatch, dispatch, get_backend
 from .ops.cbam import cbam_forward
 from .ops.channel_gate import channel_gate_forward
 from .ops.excite import POOLS
+from .ops.attention_transfer import channel_power_mean
 from .ops.gc import gc_forward
-from .ops.primitives import ATTENTION_POOL_MAX_CHANNELS
+from .ops.primitives import ATTENTION_POOL_MAX_CHANNELS, MAX_PATHS, acc_dtype
+from .ops.selective_kernel import selective_kernel_forward
+from .ops.sigmoid_gate import is_spatial, sigmoid_gate_forward
 
 Act = Union[str, Callable[[Tensor], Tensor]]
 
 __all__ = [
-    "cbam", "cbam_dispatch", "channel_attn", "eca", "eca_dispatch", "gate_dispatch", "gc", "gc_dispatch", "se",
+    "at_loss", "at_map", "at_map_dispatch", "cbam", "cbam_dispatch", "channel_attn", "eca", "eca_dispatch",
+    "gate_dispatch", "gc", "gc_dispatch", "non_local", "non_local_dispatch", "residual_attention", "sam", "se",
+    "selective_kernel", "selective_kernel_dispatch", "sigmoid_gate", "sigmoid_gate_dispatch",
 ]
 
 
@@ -334,14 +339,20 @@ def cbam(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias,
         bn_running_mean, bn_running_var, bn_training, bn_eps, pool, act_name, gate_name, choice.backend,
     )
-    if bn_training and bn_running_mean is not None and bn_running_var is not None:
-        count = x.shape[0] * x.shape[2] * x.shape[3]
-        with torch.no_grad():  # as F.batch_norm: running variance with Bessel's correction
-            bn_running_mean.mul_(1 - bn_momentum).add_(bn_mean.to(bn_running_mean.dtype), alpha=bn_momentum)
-            bn_running_var.mul_(1 - bn_momentum).add_(
-                bn_var.to(bn_running_var.dtype) * (count / (count - 1)), alpha=bn_momentum
-            )
+    if bn_training:
+        _update_running_stats(bn_running_mean, bn_running_var, bn_mean, bn_var, x.shape[0] * x.shape[2] * x.shape[3],
+                              bn_momentum)
     return y
+
+
+def _update_running_stats(running_mean, running_var, batch_mean, batch_var, count: int, momentum: float):
+    """As F.batch_norm in training: the running statistics (when tracked) move towards the batch's
+    mean and its variance with Bessel's correction (batch_var is the biased one)."""
+    if running_mean is None or running_var is None:
+        return
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(batch_var.to(running_var.dtype) * (count / (count - 1)), alpha=momentum)
 
 
 _GC_WEIGHT_NAMES = ("fc1_weight", "fc1_bias", "ln_weight", "ln_bias", "fc2_weight", "fc2_bias")
@@ -423,3 +434,245 @@ def gc(
                             gate=gate)
     return gc_forward(x, attn_weight, attn_bias, scale, add, scale_eps, add_eps, act_name, gate_name,
                       choice.backend)[0]
+
+
+TRITON_ONLY = ("triton",)  # the kernel backends of the blocks below with a kernel of their own
+
+
+def _check_paths(paths) -> List[Tensor]:
+    if not isinstance(paths, (list, tuple)) or not paths:
+        raise TypeError(f"paths must be a non-empty list of tensors, got {type(paths).__name__}")
+    for i, p in enumerate(paths):
+        if i == 0:
+            _check_activation_input(p)
+        elif not isinstance(p, Tensor) or p.shape != paths[0].shape or p.dtype != paths[0].dtype \
+                or p.device != paths[0].device:
+            raise ValueError(f"paths[{i}] must be a tensor of paths[0]'s shape, dtype and device "
+                             f"({tuple(paths[0].shape)}, {paths[0].dtype}, {paths[0].device}), got "
+                             f"{_shape_of(p)}" + (f" {p.dtype} on {p.device}" if isinstance(p, Tensor) else ""))
+    return list(paths)
+
+
+def _selective_kernel_plan(paths, fc_reduce_weight, fc_select_weight, bn_running_mean, bn_running_var, bn_weight,
+                           bn_bias, bn_training, act):
+    """(dispatch, act kernel name) for selective_kernel() with this configuration."""
+    paths = _check_paths(paths)
+    x = paths[0]
+    C, P = x.shape[1], len(paths)
+    if not isinstance(fc_reduce_weight, Tensor) or fc_reduce_weight.dim() not in (2, 4) or fc_reduce_weight.shape[1] != C:
+        raise ValueError(f"fc_reduce_weight must be an (attn_channels, {C}, 1, 1) or (attn_channels, {C}) tensor, got "
+                         f"{_shape_of(fc_reduce_weight)}")
+    A = fc_reduce_weight.shape[0]
+    tail = (1, 1) if fc_reduce_weight.dim() == 4 else ()
+    _check_tensor("fc_reduce_weight", fc_reduce_weight, (A, C, *tail), x)
+    _check_tensor("fc_select_weight", fc_select_weight, (P * C, A, *tail), x)
+    for name, t in (("bn_running_mean", bn_running_mean), ("bn_running_var", bn_running_var),
+                    ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        _check_tensor(name, t, (A,), x, optional=True)
+    act_name = _kernel_name(act, "act")
+    reason = None
+    if P > MAX_PATHS:
+        reason = f"{P} paths; the kernels take at most {MAX_PATHS}"
+    elif any(p.stride() != x.stride() for p in paths[1:] if p.numel()):
+        reason = "the paths lie in different memory layouts"
+    elif bn_weight is None or bn_bias is None:
+        reason = "a BatchNorm without affine weight and bias has no fused kernel"
+    elif not bn_training and (bn_running_mean is None or bn_running_var is None):
+        reason = "BatchNorm normalizes with batch statistics in eval (no running statistics): no fused kernel"
+    elif bn_training and x.shape[0] <= 1:
+        reason = "BatchNorm in training needs more than one value per channel"
+    elif act_name is None:
+        reason = _no_formula("act", act)
+    return dispatch(x, reason, TRITON_ONLY), act_name
+
+
+def selective_kernel_dispatch(paths: Sequence[Tensor], fc_reduce_weight, fc_select_weight, bn_running_mean=None,
+                              bn_running_var=None, bn_weight=None, bn_bias=None, *, bn_training: bool = False,
+                              act: Act = "relu") -> Dispatch:
+    """Which backend selective_kernel() runs on these paths, and why others were passed over."""
+    return _selective_kernel_plan(paths, fc_reduce_weight, fc_select_weight, bn_running_mean, bn_running_var,
+                                  bn_weight, bn_bias, bn_training, act)[0]
+
+
+def selective_kernel(
+    paths: Sequence[Tensor],
+    fc_reduce_weight: Tensor,
+    fc_select_weight: Tensor,
+    bn_running_mean: Optional[Tensor],
+    bn_running_var: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    *,
+    bn_training: bool = False,
+    bn_momentum: float = 0.1,
+    bn_eps: float = 1e-5,
+    act: Act = "relu",
+) -> Tensor:
+    """Selective Kernel attention over the branch outputs `paths` (P tensors (N, C, H, W)), as
+    timm's SelectiveKernel after its convs: the weights attn = softmax over the paths of
+    fc_select(act(BN(fc_reduce(mean_hw(sum of the paths))))), and the sum of the paths weighted
+    by them. fc_reduce_weight is (A, C, 1, 1), fc_select_weight (P*C, A, 1, 1) (or the linear
+    (A, C), (P*C, A)); the BN arguments are those of F.batch_norm, its running statistics updated
+    in training."""
+    choice, act_name = _selective_kernel_plan(paths, fc_reduce_weight, fc_select_weight, bn_running_mean,
+                                              bn_running_var, bn_weight, bn_bias, bn_training, act)
+    if choice.backend == "reference":
+        return reference.selective_kernel(
+            paths, fc_reduce_weight, fc_select_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias,
+            bn_training=bn_training, bn_momentum=bn_momentum, bn_eps=bn_eps, act=act,
+        )
+    y, _, bn_mean, bn_var = selective_kernel_forward(
+        list(paths), fc_reduce_weight, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_training, bn_eps,
+        fc_select_weight, act_name,
+    )
+    if bn_training:
+        _update_running_stats(bn_running_mean, bn_running_var, bn_mean, bn_var, paths[0].shape[0], bn_momentum)
+    return y
+
+
+def _sigmoid_gate_plan(x, logits) -> Dispatch:
+    _check_activation_input(x)
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a tensor, got {type(logits).__name__}")
+    N, C, H, W = x.shape
+    if tuple(logits.shape) not in ((N, C, H, W), (N, 1, H, W)):
+        raise ValueError(f"logits must have x's shape {(N, C, H, W)} or {(N, 1, H, W)}, got {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
+    if logits.device != x.device:
+        raise ValueError(f"logits is on {logits.device} but x is on {x.device}; they must be on the same device")
+    spatial = is_spatial(x, logits)
+    reason = None
+    if logits.dtype != x.dtype:
+        reason = f"logits has dtype {logits.dtype} and x {x.dtype}; the kernels take one dtype"
+    elif not spatial and logits.numel() and logits.stride() != x.stride():
+        reason = f"logits (strides {logits.stride()}) is not in x's memory layout (strides {x.stride()})"
+    return dispatch(x, reason, KERNEL_BACKENDS if spatial else TRITON_ONLY)
+
+
+def sigmoid_gate_dispatch(x: Tensor, logits: Tensor) -> Dispatch:
+    """Which backend sigmoid_gate() runs on (x, logits), and why others were passed over."""
+    return _sigmoid_gate_plan(x, logits)
+
+
+def sigmoid_gate(x: Tensor, logits: Tensor, *, residual: bool = False) -> Tensor:
+    """y = x * (residual + sigmoid(logits)), the sigmoid and the product fused.
+
+    logits of x's shape: YOLOv4's point-wise SAM (residual=False) or Residual Attention's
+    (1 + M) * T with T = x and M = sigmoid(logits) (residual=True). logits (N, 1, H, W): one gate
+    per pixel, the spatial SAM."""
+    choice = _sigmoid_gate_plan(x, logits)
+    if choice.backend == "reference":
+        return reference.sigmoid_gate(x, logits, residual=residual)
+    return sigmoid_gate_forward(x, logits, bool(residual), choice.backend)
+
+
+def sam(x: Tensor, logits: Tensor) -> Tensor:
+    """YOLOv4's spatial attention module after its conv: x * sigmoid(logits)."""
+    return sigmoid_gate(x, logits)
+
+
+def residual_attention(trunk: Tensor, mask_logits: Tensor) -> Tensor:
+    """Residual Attention Network's (1 + M) * T, M = sigmoid(mask_logits): the mask branch's last
+    sigmoid fused with the combination."""
+    return sigmoid_gate(trunk, mask_logits, residual=True)
+
+
+def non_local_dispatch(x: Tensor) -> Dispatch:
+    """How non_local() computes on x: 'sdpa' (torch's scaled_dot_product_attention, which picks
+    a flash or memory-efficient kernel where it can) unless the reference backend is selected."""
+    if get_backend() == "reference":
+        return Dispatch("reference", {})
+    return Dispatch("sdpa", {})
+
+
+def non_local(
+    x: Tensor,
+    theta_weight: Tensor,
+    theta_bias: Optional[Tensor],
+    phi_weight: Tensor,
+    phi_bias: Optional[Tensor],
+    g_weight: Tensor,
+    g_bias: Optional[Tensor],
+    *,
+    scale: float,
+    sub_sample: bool = False,
+) -> Tensor:
+    """The non-local operation (embedded Gaussian) of timm's NonLocalAttn and mmcv's NonLocal2d,
+    before their output conv: softmax(scale * theta(x)^T phi(x)) applied to g(x), (N, R, H, W).
+
+    theta, phi and g are 1x1 convs (R, C, 1, 1) run as one conv (x read once); the attention runs
+    through scaled_dot_product_attention, which never stores the (H*W) x (H*W) matrix on GPUs
+    (flash or memory-efficient kernels). sub_sample max-pools phi(x) and g(x) 2x2 (mmcv)."""
+    _check_activation_input(x)
+    C = x.shape[1]
+    if not isinstance(theta_weight, Tensor) or theta_weight.dim() != 4 or theta_weight.shape[1:] != (C, 1, 1):
+        raise ValueError(f"theta_weight must be an (R, {C}, 1, 1) tensor, got {_shape_of(theta_weight)}")
+    R = theta_weight.shape[0]
+    for name, t in (("phi_weight", phi_weight), ("g_weight", g_weight)):
+        _check_tensor(name, t, (R, C, 1, 1), x)
+    for name, t in (("theta_bias", theta_bias), ("phi_bias", phi_bias), ("g_bias", g_bias)):
+        _check_tensor(name, t, (R,), x, optional=True)
+    if non_local_dispatch(x).backend == "reference":
+        return reference.non_local(x, theta_weight, theta_bias, phi_weight, phi_bias, g_weight, g_bias, scale=scale,
+                                   sub_sample=sub_sample)
+    B, _, H, W = x.shape
+    weight = torch.cat([theta_weight, phi_weight, g_weight])
+    biases = (theta_bias, phi_bias, g_bias)
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [b if b is not None else weight.new_zeros(R) for b in biases])
+    qkv = torch.nn.functional.conv2d(x, weight, bias)
+    # Tokens (B, H*W, 3R) with unit stride along R, as flash and memory-efficient attention need
+    # (otherwise SDPA falls back to its math path, which stores the matrix): a view of a
+    # channels_last qkv, a copy of 3R/C of |x| for an NCHW one.
+    tokens = qkv.flatten(2).transpose(1, 2).contiguous()
+    q, kv = tokens[..., :R], tokens[..., R:]
+    if sub_sample:  # 2x2 max pooling of phi(x) and g(x), on a channels_last view of their tokens
+        pooled = torch.nn.functional.max_pool2d(kv.unflatten(1, (H, W)).permute(0, 3, 1, 2), 2)
+        kv = pooled.permute(0, 2, 3, 1).flatten(1, 2)
+    y = torch.nn.functional.scaled_dot_product_attention(q[:, None], kv[:, None, :, :R], kv[:, None, :, R:], scale=scale)
+    y = y[:, 0].unflatten(1, (H, W)).permute(0, 3, 1, 2)  # (B, R, H, W), channels_last
+    return y.contiguous(memory_format=torch.channels_last if not x.is_contiguous() else torch.contiguous_format)
+
+
+def _check_p(p):
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not p >= 1:
+        raise ValueError(f"p must be a number >= 1 (|x|^p has no derivative at 0 below 1), got {p!r}")
+
+
+def at_map_dispatch(x: Tensor) -> Dispatch:
+    """Which backend at_map() and at_loss() run on x, and why others were passed over."""
+    _check_activation_input(x)
+    return dispatch(x, None, TRITON_ONLY)
+
+
+def _at_map(x: Tensor, p: float) -> Tensor:
+    """The normalized map in the accumulator dtype (float32, float64 for float64 x)."""
+    if at_map_dispatch(x).backend == "reference":
+        return reference.at_map(x.to(acc_dtype(x.dtype)), p)
+    return torch.nn.functional.normalize(channel_power_mean(x, float(p)), dim=1)
+
+
+def at_map(x: Tensor, p: float = 2) -> Tensor:
+    """Attention transfer's map of an activation x (N, C, H, W): the mean over channels of |x|^p,
+    flattened to (N, H*W) and L2-normalized per sample, in x's dtype. One read of x forward, one
+    read of x and a write of its gradient backward."""
+    _check_p(p)
+    _check_activation_input(x)
+    return _at_map(x, p).to(x.dtype)
+
+
+def at_loss(student: Tensor, teacher: Tensor, p: float = 2) -> Tensor:
+    """The attention-transfer loss, mean((at_map(student) - at_map(teacher))^2), as the paper's
+    code; the teacher is detached (the gradient goes to the student only). Where H or W differ,
+    the larger activation is adaptive-average-pooled to the smaller size first. The maps and the
+    loss are computed in float32; the loss comes in the student's dtype."""
+    _check_p(p)
+    _check_activation_input(student)
+    _check_activation_input(teacher)
+    if student.shape[0] != teacher.shape[0]:
+        raise ValueError(f"student and teacher must have the same batch size, got {student.shape[0]} and {teacher.shape[0]}")
+    if student.device != teacher.device:
+        raise ValueError(f"student is on {student.device} but teacher is on {teacher.device}")
+    student, teacher = reference.aligned(student, teacher.detach())
+    return (_at_map(student, p) - _at_map(teacher, p)).pow(2).mean().to(student.dtype)

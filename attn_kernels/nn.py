@@ -1,4 +1,5 @@
-"""Drop-in modules: the constructors, submodules and state_dict keys of timm's, fused kernels inside."""
+"""Drop-in modules: the constructors, submodules and state_dict keys of timm's (mmcv's, the papers'), fused
+kernels inside."""
 import math
 from typing import Optional, Type, Union
 
@@ -8,12 +9,14 @@ from torch import Tensor, nn
 from . import functional as F
 from .activations import create_act_layer, kernel_activation_name
 from .backends import Dispatch
+from .ops.primitives import acc_dtype
 
 __all__ = [
     "FusedCBAM", "FusedCBAMOfficial", "FusedCECA", "FusedChannelAttn", "FusedContextBlock", "FusedECA",
     "FusedECAOfficial", "FusedEffectiveSE", "FusedGC", "FusedLightCBAM", "FusedLightChannelAttn",
-    "FusedLightSpatialAttn", "FusedSE", "FusedSpatialAttn", "FusedSqueezeExcitation", "FusedSqueezeExcite",
-    "make_divisible",
+    "FusedLightSpatialAttn", "FusedNonLocal2d", "FusedNonLocalAttn", "FusedResidualAttention", "FusedSAM", "FusedSE",
+    "FusedSelectiveKernel", "FusedSelectiveKernelAttn", "FusedSpatialAttn", "FusedSqueezeExcitation",
+    "FusedSqueezeExcite", "MMCVConvModule", "make_divisible",
 ]
 
 
@@ -809,3 +812,308 @@ class FusedContextBlock(nn.Module):
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, planes={self.planes}, pooling_type={self.pooling_type!r}, " \
                f"fusion_types={tuple(self.fusion_types)}"
+
+
+# --- Selective Kernel -------------------------------------------------------------------------
+
+class FusedSelectiveKernelAttn(nn.Module):
+    """Selective Kernel attention, a drop-in for timm.layers.SelectiveKernelAttn (same arguments
+    and state_dict): the path weights softmax_p(fc_select(act(bn(fc_reduce(mean_hw(sum_p x)))))),
+    (B, P, C, 1, 1), of stacked paths x (B, P, C, H, W).
+
+    No kernel of its own: it pools each path over H*W first (torch.mean in float32, one read of
+    x, where timm's sum then mean reads it twice and writes a sum) and adds the (B, P, C) means;
+    backward writes x's gradient once. Inside FusedSelectiveKernel, the whole attention and the
+    weighted sum are one fused op instead."""
+
+    def __init__(self, channels: int, num_paths: int = 2, attn_channels: int = 32,
+                 act_layer: Union[str, Type[nn.Module]] = nn.ReLU, norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+                 device=None, dtype=None):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.num_paths = num_paths
+        self.fc_reduce = nn.Conv2d(channels, attn_channels, kernel_size=1, bias=False, **dd)
+        self.bn = norm_layer(attn_channels, **dd)
+        self.act = create_act_layer(act_layer, inplace=True, argument="act_layer")
+        self.fc_select = nn.Conv2d(attn_channels, channels * num_paths, kernel_size=1, bias=False, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() != 5 or x.shape[1] != self.num_paths:
+            raise ValueError(f"x must be the stacked paths (B, {self.num_paths}, C, H, W), got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        pooled = torch.mean(x, (3, 4), dtype=acc_dtype(x.dtype)).sum(1).to(x.dtype)[..., None, None]
+        logits = self.fc_select(self.act(self.bn(self.fc_reduce(pooled))))
+        B, PC = logits.shape[:2]
+        return torch.softmax(logits.view(B, self.num_paths, PC // self.num_paths, 1, 1), dim=1)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.fc_reduce.in_channels}, num_paths={self.num_paths}, attn_channels={self.fc_reduce.out_channels}"
+
+
+class FusedSelectiveKernel(nn.Module):
+    """Selective Kernel convolution, a drop-in for timm.layers.SelectiveKernel (same arguments and
+    state_dict; its branches are timm's ConvNormAct, so timm must be installed).
+
+    The branch convs run as they are (cuDNN); everything after them (the sum of the branches, the
+    pooling, FC-BN-ReLU-FC, the softmax across the branches and the weighted sum) is one fused op,
+    forward and backward (attn_kernels/ops/selective_kernel.py), with the weights of .attn."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: Optional[int] = None,
+        kernel_size=None,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        rd_ratio: float = 1.0 / 16,
+        rd_channels: Optional[int] = None,
+        rd_divisor: int = 8,
+        keep_3x3: bool = True,
+        split_input: bool = True,
+        act_layer=nn.ReLU,
+        norm_layer=nn.BatchNorm2d,
+        aa_layer=None,
+        drop_layer=None,
+        device=None,
+        dtype=None,
+    ):
+        try:
+            from timm.layers import ConvNormAct
+        except ImportError as e:
+            raise ImportError("FusedSelectiveKernel builds its branches with timm's ConvNormAct: pip install timm") from e
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        out_channels = out_channels or in_channels
+        kernel_size = kernel_size or [3, 5]  # timm's default: a 3x3 and a 5x5 branch (3x3 dilated 2 with keep_3x3)
+        if not isinstance(kernel_size, list):
+            kernel_size = [kernel_size] * 2
+        if any(not isinstance(k, int) or k < 3 or k % 2 == 0 for k in kernel_size):
+            raise ValueError(f"kernel_size must be odd ints >= 3, got {kernel_size!r}")
+        if keep_3x3:
+            dilation = [dilation * (k - 1) // 2 for k in kernel_size]
+            kernel_size = [3] * len(kernel_size)
+        else:
+            dilation = [dilation] * len(kernel_size)
+        self.num_paths = len(kernel_size)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.split_input = split_input
+        if split_input:
+            if in_channels % self.num_paths:
+                raise ValueError(f"in_channels ({in_channels}) must divide into {self.num_paths} paths with split_input")
+            in_channels = in_channels // self.num_paths
+        groups = min(out_channels, groups)
+        conv_kwargs = dict(stride=stride, groups=groups, act_layer=act_layer, norm_layer=norm_layer,
+                           aa_layer=aa_layer, drop_layer=drop_layer, **dd)
+        self.paths = nn.ModuleList([ConvNormAct(in_channels, out_channels, kernel_size=k, dilation=d, **conv_kwargs)
+                                    for k, d in zip(kernel_size, dilation)])
+        attn_channels = rd_channels or make_divisible(out_channels * rd_ratio, divisor=rd_divisor)
+        self.attn = FusedSelectiveKernelAttn(out_channels, self.num_paths, attn_channels, **dd)
+
+    def _branches(self, x: Tensor):
+        if self.split_input:
+            x_split = torch.split(x, self.in_channels // self.num_paths, 1)
+            return [op(x_split[i]) for i, op in enumerate(self.paths)]
+        return [op(x) for op in self.paths]
+
+    def forward(self, x: Tensor) -> Tensor:
+        attn = self.attn
+        return F.selective_kernel(self._branches(x), attn.fc_reduce.weight, attn.fc_select.weight,
+                                  **_batch_norm_arguments(attn.bn), act=attn.act)
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend the attention of forward(x) runs on, and why each backend before it was
+        passed over (judged on stand-ins for the branch outputs: x's batch, dtype and device)."""
+        stand_ins = [x.new_empty((x.shape[0], self.out_channels, 1, 1)) for _ in range(self.num_paths)]
+        attn = self.attn
+        return F.selective_kernel_dispatch(stand_ins, attn.fc_reduce.weight, attn.fc_select.weight,
+                                           **_batch_norm_tensors(attn.bn), act=attn.act)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, num_paths={self.num_paths}"
+
+
+# --- YOLOv4 SAM and Residual Attention --------------------------------------------------------
+
+class FusedSAM(nn.Module):
+    """YOLOv4's spatial attention module: y = x * sigmoid(conv(x)), the conv through cuDNN, the
+    sigmoid and the product fused (attn_kernels/ops/sigmoid_gate.py).
+
+    Point-wise (the default, as darknet's configurations: a C-channel 1x1 conv, the "modified SAM"
+    of the YOLOv4 paper) or spatial (spatial=True: a 1-channel conv, one gate per pixel).
+    kernel_size defaults to 1 (point-wise) and 7 (spatial); state_dict: conv.weight, conv.bias."""
+
+    def __init__(self, channels: int, spatial: bool = False, kernel_size: Optional[int] = None, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int, got {channels!r}")
+        k = kernel_size if kernel_size is not None else (7 if spatial else 1)
+        if not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int, got {k!r}")
+        self.spatial = spatial
+        self.conv = nn.Conv2d(channels, 1 if spatial else channels, k, padding=k // 2, bias=bias,
+                              device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.sam(x, self.conv(x))
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """The backend the gate of forward(x) runs on, and why each backend before it was passed over."""
+        return F.sigmoid_gate_dispatch(x, x[:, :1] if self.spatial else x)  # stand-ins for conv(x)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.conv.in_channels}, spatial={self.spatial}, kernel_size={self.conv.kernel_size[0]}"
+
+
+class FusedResidualAttention(nn.Module):
+    """Residual Attention Network's combination of its trunk and mask branches, (1 + M) * T with
+    M = sigmoid(mask_logits): give it the mask branch's output before its final nn.Sigmoid, and
+    the sigmoid, the 1 + and the product run as one fused op. No parameters."""
+
+    def forward(self, trunk: Tensor, mask_logits: Tensor) -> Tensor:
+        return F.residual_attention(trunk, mask_logits)
+
+    def dispatch(self, trunk: Tensor, mask_logits: Tensor) -> Dispatch:
+        """The backend forward(trunk, mask_logits) runs on, and why each backend before it was passed over."""
+        return F.sigmoid_gate_dispatch(trunk, mask_logits)
+
+
+# --- Non-local ----------------------------------------------------------------------------------
+
+class FusedNonLocalAttn(nn.Module):
+    """The non-local block, a drop-in for timm.layers.NonLocalAttn (same arguments and state_dict):
+    y = x + norm(z(softmax(scale * t(x)^T p(x)) g(x))), scale = in_channels^-0.5 with use_scale.
+    The attention runs through scaled_dot_product_attention (functional.non_local), so the
+    (H*W) x (H*W) matrix is never stored on a GPU."""
+
+    def __init__(self, in_channels: int, use_scale: bool = True, rd_ratio: float = 1 / 8,
+                 rd_channels: Optional[int] = None, rd_divisor: int = 8, device=None, dtype=None, **_):
+        dd = {"device": device, "dtype": dtype}
+        super().__init__()
+        if rd_channels is None:
+            rd_channels = make_divisible(in_channels * rd_ratio, divisor=rd_divisor)
+        self.scale = in_channels ** -0.5 if use_scale else 1.0
+        self.t = nn.Conv2d(in_channels, rd_channels, kernel_size=1, bias=True, **dd)
+        self.p = nn.Conv2d(in_channels, rd_channels, kernel_size=1, bias=True, **dd)
+        self.g = nn.Conv2d(in_channels, rd_channels, kernel_size=1, bias=True, **dd)
+        self.z = nn.Conv2d(rd_channels, in_channels, kernel_size=1, bias=True, **dd)
+        self.norm = nn.BatchNorm2d(in_channels, **dd)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """timm's initialization: Kaiming-normal convs (fan_out), zero biases, a zero BN (the block
+        starts as the identity)."""
+        for conv in (self.t, self.p, self.g, self.z):
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.constant_(conv.bias, 0.0)
+        nn.init.constant_(self.norm.weight, 0)
+        nn.init.constant_(self.norm.bias, 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.non_local(x, self.t.weight, self.t.bias, self.p.weight, self.p.bias, self.g.weight, self.g.bias,
+                        scale=self.scale)
+        return self.norm(self.z(y)) + x
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """How forward(x) computes the attention: 'sdpa', or 'reference' (materialized) when selected."""
+        return F.non_local_dispatch(x)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.t.in_channels}, rd_channels={self.t.out_channels}, scale={self.scale:.4g}"
+
+
+_MMCV_NORMS = {"BN": ("bn", lambda c, cfg: nn.BatchNorm2d(c, eps=cfg.get("eps", 1e-5), momentum=cfg.get("momentum", 0.1))),
+               "BN2d": ("bn", lambda c, cfg: nn.BatchNorm2d(c, eps=cfg.get("eps", 1e-5), momentum=cfg.get("momentum", 0.1))),
+               "GN": ("gn", lambda c, cfg: nn.GroupNorm(cfg["num_groups"], c, eps=cfg.get("eps", 1e-5)))}
+
+
+class MMCVConvModule(nn.Module):
+    """The parameters and state_dict keys of mmcv.cnn.ConvModule(in, out, 1) without activation:
+    conv (bias unless normalized), then an optional norm named as mmcv names it ('bn', 'gn')."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_cfg: Optional[dict] = None):
+        super().__init__()
+        self.norm_cfg = norm_cfg
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=norm_cfg is None)
+        self.norm_name = None
+        if norm_cfg is not None:
+            kind = norm_cfg.get("type") if isinstance(norm_cfg, dict) else None
+            if kind not in _MMCV_NORMS:
+                raise ValueError(f"norm_cfg type must be one of {sorted(_MMCV_NORMS)}, got {norm_cfg!r}")
+            self.norm_name, make = _MMCV_NORMS[kind]
+            self.add_module(self.norm_name, make(out_channels, norm_cfg))
+
+    @property
+    def norm(self) -> Optional[nn.Module]:
+        return getattr(self, self.norm_name) if self.norm_name else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv(x)
+        return self.norm(x) if self.norm_name else x
+
+
+class FusedNonLocal2d(nn.Module):
+    """mmcv's NonLocal2d in 'embedded_gaussian' mode, a drop-in (same arguments and state_dict:
+    g.conv, conv_out.conv (and conv_out.bn / .gn with norm_cfg), theta.conv, phi.conv; g.0.conv and
+    phi.0.conv with sub_sample): y = x + conv_out(softmax(theta(x)^T phi(x) / sqrt(R)) g(x)).
+    The attention runs through scaled_dot_product_attention (functional.non_local). Other modes
+    ('gaussian', 'dot_product', 'concatenation') have no fused path: use mmcv's module for them."""
+
+    def __init__(self, in_channels: int, reduction: int = 2, use_scale: bool = True, conv_cfg: Optional[dict] = None,
+                 norm_cfg: Optional[dict] = None, mode: str = "embedded_gaussian", sub_sample: bool = False,
+                 std: float = 0.01, zeros_init: bool = True):
+        super().__init__()
+        if mode != "embedded_gaussian":
+            raise ValueError(f"mode must be 'embedded_gaussian' (the only mode with a fused path), got {mode!r}")
+        if conv_cfg not in (None, {"type": "Conv2d"}):
+            raise ValueError(f"conv_cfg must be None or dict(type='Conv2d'), got {conv_cfg!r}")
+        self.in_channels = in_channels
+        self.reduction = reduction
+        self.use_scale = use_scale
+        self.inter_channels = in_channels // reduction
+        self.mode = mode
+        self.sub_sample = sub_sample
+        self.g = MMCVConvModule(in_channels, self.inter_channels)
+        self.conv_out = MMCVConvModule(self.inter_channels, in_channels, norm_cfg)
+        self.theta = MMCVConvModule(in_channels, self.inter_channels)
+        self.phi = MMCVConvModule(in_channels, self.inter_channels)
+        if sub_sample:
+            self.g = nn.Sequential(self.g, nn.MaxPool2d(kernel_size=(2, 2)))
+            self.phi = nn.Sequential(self.phi, nn.MaxPool2d(kernel_size=(2, 2)))
+        self.init_weights(std, zeros_init)
+
+    def init_weights(self, std: float = 0.01, zeros_init: bool = True):
+        """mmcv's initialization: normal(std) theta, phi, g convs with zero biases; conv_out (its
+        norm, with norm_cfg) zero with zeros_init (the block starts as the identity), else normal."""
+        for conv in self._convs():
+            nn.init.normal_(conv.weight, 0, std)
+            nn.init.zeros_(conv.bias)
+        last = self.conv_out.norm if self.conv_out.norm_name else self.conv_out.conv
+        if zeros_init:
+            nn.init.zeros_(last.weight)
+        else:
+            nn.init.normal_(last.weight, 0, std)
+        if last.bias is not None:
+            nn.init.zeros_(last.bias)
+
+    def _convs(self):
+        """The theta, phi and g convs."""
+        def conv(m):
+            return m[0].conv if isinstance(m, nn.Sequential) else m.conv
+        return conv(self.theta), conv(self.phi), conv(self.g)
+
+    def forward(self, x: Tensor) -> Tensor:
+        theta, phi, g = self._convs()
+        scale = self.inter_channels ** -0.5 if self.use_scale else 1.0
+        y = F.non_local(x, theta.weight, theta.bias, phi.weight, phi.bias, g.weight, g.bias, scale=scale,
+                        sub_sample=self.sub_sample)
+        return x + self.conv_out(y)
+
+    def dispatch(self, x: Tensor) -> Dispatch:
+        """How forward(x) computes the attention: 'sdpa', or 'reference' (materialized) when selected."""
+        return F.non_local_dispatch(x)
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, inter_channels={self.inter_channels}, sub_sample={self.sub_sample}"

@@ -13,12 +13,13 @@ holding the parameters stay valid. A patched model pickles (torch.save) and deep
 
 Recognized, by class (that class, or a subclass that keeps its forward):
     timm SEModule, EffectiveSEModule, SqueezeExcite (EfficientNet, MobileNet), EcaModule,
-    CecaModule, CbamModule, LightCbamModule and their ChannelAttn / SpatialAttn halves, GlobalContext;
-    torchvision.ops.SqueezeExcitation.
+    CecaModule, CbamModule, LightCbamModule and their ChannelAttn / SpatialAttn halves, GlobalContext,
+    SelectiveKernel, SelectiveKernelAttn, NonLocalAttn; torchvision.ops.SqueezeExcitation.
 By class name and structure, as users copy the code into their own modules (the structure, i.e.
 the submodules, their types, shapes and options, must be the original's; the forward is trusted):
     CBAM, ChannelGate, SpatialGate (the CBAM paper's Jongchan/attention-module), eca_layer (the
-    ECA-Net paper's BangguWu/ECANet), ContextBlock (mmcv.cnn, GCNet's block).
+    ECA-Net paper's BangguWu/ECANet), ContextBlock (mmcv.cnn, GCNet's block), NonLocal2d (mmcv.cnn,
+    'embedded_gaussian' mode).
 A recognized module whose configuration has no fused formula (say, a GELU(approximate='tanh')
 activation, or a norm layer inside SE) is left alone, with the reason in the report: patched, it
 would only run the reference.
@@ -30,6 +31,7 @@ from torch import nn
 from . import nn as fused_nn
 from .activations import kernel_activation_name
 from .functional import _no_formula
+from .ops.primitives import MAX_PATHS
 
 __all__ = ["PatchEntry", "PatchReport", "patch", "patch_report", "unpatch"]
 
@@ -70,6 +72,14 @@ def _gc_reason(m) -> Optional[str]:
     return _activation_reason({"act": mlps[0].act})
 
 
+def _selective_kernel_reason(m) -> Optional[str]:
+    if m.num_paths > MAX_PATHS:
+        return f"{m.num_paths} paths; the fused kernels take at most {MAX_PATHS}"
+    if type(m.attn.bn) is not nn.BatchNorm2d or not m.attn.bn.affine:
+        return f"attn.bn {type(m.attn.bn).__name__} is not an affine BatchNorm2d"
+    return _activation_reason({"attn.act": m.attn.act})
+
+
 class _Rule(NamedTuple):
     fused: type                                      # the drop-in whose forward a patched module runs
     reason: Callable[[nn.Module], Optional[str]]     # why this instance cannot be fused, or None
@@ -95,6 +105,9 @@ _BY_CLASS: Dict[str, _Rule] = {
     "timm.layers.cbam.LightCbamModule": _Rule(fused_nn.FusedLightCBAM, lambda m: _activation_reason(
         {"channel.act": m.channel.act, "spatial.gate": m.spatial.gate})),
     "timm.layers.global_context.GlobalContext": _Rule(fused_nn.FusedGC, _gc_reason),
+    "timm.layers.selective_kernel.SelectiveKernel": _Rule(fused_nn.FusedSelectiveKernel, _selective_kernel_reason),
+    "timm.layers.selective_kernel.SelectiveKernelAttn": _Rule(fused_nn.FusedSelectiveKernelAttn, lambda m: None),
+    "timm.layers.non_local_attn.NonLocalAttn": _Rule(fused_nn.FusedNonLocalAttn, lambda m: None),
     "torchvision.ops.misc.SqueezeExcitation": _Rule(
         fused_nn.FusedSqueezeExcitation,
         lambda m: _activation_reason({"activation": m.activation, "scale_activation": m.scale_activation})),
@@ -185,6 +198,26 @@ def _context_block_mismatch(m) -> Optional[str]:
     return None
 
 
+def _non_local_mismatch(m) -> Optional[str]:
+    if getattr(m, "mode", None) != "embedded_gaussian":
+        return f"mode {getattr(m, 'mode', None)!r}: only 'embedded_gaussian' has a fused path"
+    channels, inter = getattr(m, "in_channels", None), getattr(m, "inter_channels", None)
+    sub_sample = getattr(m, "sub_sample", None)
+    if sub_sample not in (True, False) or getattr(m, "use_scale", None) not in (True, False):
+        return "no sub_sample or use_scale flag"
+    for attribute in ("theta", "phi", "g"):
+        module = getattr(m, attribute, None)
+        if sub_sample and attribute != "theta":
+            if not (isinstance(module, nn.Sequential) and len(module) == 2 and type(module[1]) is nn.MaxPool2d
+                    and module[1].kernel_size in (2, (2, 2)) and module[1].stride in (2, (2, 2))):
+                return f"{attribute} is not Sequential(ConvModule, MaxPool2d(2)) with sub_sample"
+            module = module[0]
+        if getattr(module, "norm_name", None) or getattr(module, "with_activation", False) \
+                or not _is_conv(getattr(module, "conv", None), nn.Conv2d, channels, inter, (1, 1), (0, 0), True):
+            return f"{attribute} is not a ConvModule with Conv2d({channels}, {inter}, 1) alone"
+    return None
+
+
 class _StructuralRule(NamedTuple):
     fused: type
     mismatch: Callable[[nn.Module], Optional[str]]   # how the structure differs from the original's, or None
@@ -197,13 +230,14 @@ _BY_NAME: Dict[str, _StructuralRule] = {
     "SpatialGate": _StructuralRule(fused_nn._OfficialSpatialGate, _spatial_gate_mismatch, "the CBAM paper's code"),
     "eca_layer": _StructuralRule(fused_nn.FusedECAOfficial, _eca_layer_mismatch, "the ECA-Net paper's code"),
     "ContextBlock": _StructuralRule(fused_nn.FusedContextBlock, _context_block_mismatch, "mmcv"),
+    "NonLocal2d": _StructuralRule(fused_nn.FusedNonLocal2d, _non_local_mismatch, "mmcv"),
 }
 
 # Attention modules of the libraries above with no fused version here: listed so the report says so.
 _NOT_FUSED = {
-    "timm": {"GatherExcite", "SelectiveKernel", "SelectiveKernelAttn", "SplitAttn", "LambdaLayer", "BottleneckAttn",
-             "HaloAttn", "NonLocalAttn", "BatNonLocalAttn", "SqueezeExciteCl", "CoordAttn"},
-    "mmcv": {"NonLocal2d", "GeneralizedAttention"},
+    "timm": {"GatherExcite", "SplitAttn", "LambdaLayer", "BottleneckAttn", "HaloAttn", "BatNonLocalAttn",
+             "SqueezeExciteCl", "CoordAttn"},
+    "mmcv": {"GeneralizedAttention"},
 }
 
 

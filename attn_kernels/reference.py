@@ -173,3 +173,91 @@ def gc(
     if add_weights:
         x = x + _gc_transform(add_weights, context, add_eps, act_fn)
     return x
+
+
+def selective_kernel(
+    paths: Sequence[torch.Tensor],
+    fc_reduce_weight: torch.Tensor,
+    fc_select_weight: torch.Tensor,
+    bn_running_mean: Optional[torch.Tensor],
+    bn_running_var: Optional[torch.Tensor],
+    bn_weight: Optional[torch.Tensor],
+    bn_bias: Optional[torch.Tensor],
+    *,
+    bn_training: bool = False,
+    bn_momentum: float = 0.1,
+    bn_eps: float = 1e-5,
+    act: Act = "relu",
+) -> torch.Tensor:
+    """The attention part of timm.layers.SelectiveKernel.forward over its branch outputs: stack,
+    SelectiveKernelAttn (sum, mean, fc_reduce, BN, act, fc_select, softmax over the paths), then
+    the weighted sum of the paths."""
+    x = torch.stack(list(paths), dim=1)
+    B, P, C = x.shape[:3]
+    attn = x.sum(1).mean((2, 3), keepdim=True)
+    attn = F.conv2d(attn, _conv_weight(fc_reduce_weight))
+    attn = F.batch_norm(attn, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, bn_momentum, bn_eps)
+    attn = F.conv2d(_as_callable(act)(attn), _conv_weight(fc_select_weight))
+    attn = torch.softmax(attn.view(B, P, C, 1, 1), dim=1)
+    return torch.sum(x * attn, dim=1)
+
+
+def sigmoid_gate(x: torch.Tensor, logits: torch.Tensor, *, residual: bool = False) -> torch.Tensor:
+    """YOLOv4's SAM, x * sigmoid(logits) (logits of x's shape, or (N, 1, H, W) for the spatial
+    form); with residual, Residual Attention's (1 + sigmoid(logits)) * x."""
+    mask = torch.sigmoid(logits)
+    return (1 + mask) * x if residual else x * mask
+
+
+def non_local(
+    x: torch.Tensor,
+    theta_weight: torch.Tensor,
+    theta_bias: Optional[torch.Tensor],
+    phi_weight: torch.Tensor,
+    phi_bias: Optional[torch.Tensor],
+    g_weight: torch.Tensor,
+    g_bias: Optional[torch.Tensor],
+    *,
+    scale: float,
+    sub_sample: bool = False,
+) -> torch.Tensor:
+    """The non-local operation of timm.layers.NonLocalAttn and mmcv's NonLocal2d
+    ('embedded_gaussian'), before their output conv: softmax(scale * theta(x)^T phi(x)) applied
+    to g(x), with the (H*W) x (H*W) matrix materialized. sub_sample max-pools phi(x) and g(x) 2x2
+    (mmcv). Returns (N, R, H, W)."""
+    B, _, H, W = x.shape
+    t = F.conv2d(x, theta_weight, theta_bias)
+    p = F.conv2d(x, phi_weight, phi_bias)
+    g = F.conv2d(x, g_weight, g_bias)
+    if sub_sample:
+        p, g = F.max_pool2d(p, 2), F.max_pool2d(g, 2)
+    R = t.shape[1]
+    t = t.view(B, R, -1).permute(0, 2, 1)
+    p = p.reshape(B, R, -1)
+    g = g.reshape(B, R, -1).permute(0, 2, 1)
+    att = F.softmax(torch.bmm(t, p) * scale, dim=2)
+    return torch.bmm(att, g).permute(0, 2, 1).reshape(B, R, H, W)
+
+
+def at_map(x: torch.Tensor, p: float = 2) -> torch.Tensor:
+    """The attention map of attention transfer: the mean over channels of |x|^p, flattened and
+    L2-normalized per sample (the paper's `at`, F.normalize(x.pow(2).mean(1).view(N, -1)) at p = 2)."""
+    return F.normalize(x.abs().pow(p).mean(1).view(x.shape[0], -1))
+
+
+def aligned(student: torch.Tensor, teacher: torch.Tensor):
+    """(student, teacher) with equal H and W: the larger of each pair adaptive-average-pooled down
+    to the smaller."""
+    size = (min(student.shape[2], teacher.shape[2]), min(student.shape[3], teacher.shape[3]))
+    if tuple(student.shape[2:]) != size:
+        student = F.adaptive_avg_pool2d(student, size)
+    if tuple(teacher.shape[2:]) != size:
+        teacher = F.adaptive_avg_pool2d(teacher, size)
+    return student, teacher
+
+
+def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float = 2) -> torch.Tensor:
+    """The attention-transfer loss, mean((at_map(student) - at_map(teacher))^2), spatial sizes
+    aligned first (see `aligned`); the teacher is detached."""
+    student, teacher = aligned(student, teacher.detach())
+    return (at_map(student, p) - at_map(teacher, p)).pow(2).mean()

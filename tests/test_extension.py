@@ -32,12 +32,13 @@ def test_schemas_registered(extension):
 
 def test_every_triton_primitive_has_a_compiled_twin_with_its_arguments(extension):
     """The backends are interchangeable: each Triton primitive has a CUDA op of the same name
-    taking the same arguments in the same order."""
+    taking the same arguments in the same order (but those listed as Triton's alone)."""
     import inspect
 
     from attn_kernels import triton as triton_primitives
 
-    for name in triton_primitives.__all__:
+    assert set(triton_primitives.TRITON_ONLY) <= set(triton_primitives.__all__)
+    for name in set(triton_primitives.__all__) - set(triton_primitives.TRITON_ONLY):
         schema = getattr(torch.ops.attn_kernels_cuda, name).default._schema
         compiled = [a.name for a in schema.arguments]
         interpreted = list(inspect.signature(getattr(triton_primitives, name)).parameters)

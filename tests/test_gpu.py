@@ -147,3 +147,98 @@ def test_timm_model_patched_compiles_without_graph_break(name, backend):
     """Inductor with fullgraph=True, bf16 autocast, channels_last, one training step."""
     test_patch.check_model(name, True, torch.bfloat16, "channels_last", backend=backend, device="cuda", size=64,
                            compile=True)
+
+
+# ---- the other attention systems: SK, SAM / Residual Attention, attention transfer, non-local ----
+
+import test_non_local  # noqa: E402
+import test_selective_kernel  # noqa: E402
+import test_sigmoid_gate  # noqa: E402
+from helpers import assert_close_to_reference  # noqa: E402
+
+SYSTEM_SHAPES = [(8, 256, 56, 56), (8, 1024, 14, 14), (8, 2048, 7, 7), (3, 100, 17, 23)]
+
+
+@pytest.mark.parametrize("shape", SYSTEM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_selective_kernel_matches_reference(train, dtype, layout, shape, poisoned):
+    kwargs = {"in_channels": shape[1], "kernel_size": [3, 5, 7] if shape[1] == 100 else None, "split_input": shape[1] != 100}
+    eager64, _ = test_selective_kernel.pair(kwargs, train=train)
+    eager, fused = test_selective_kernel.pair(kwargs, dtype=dtype, train=train)
+    eager64, eager, fused = eager64.cuda(), eager.cuda(), fused.cuda()
+    x = make_x(shape, dtype, "cuda", layout, kind="relu")
+    dy = make_x(shape, dtype, "cuda", layout, seed=1)
+    with attn_kernels.use_backend("triton"):
+        assert fused.dispatch(x).backend == "triton"
+    ref = test_selective_kernel.step(eager64, x.double(), dy.double())
+    e, k = test_selective_kernel.step(eager, x, dy), test_selective_kernel.step(fused, x, dy, "triton")
+    for name, got, eager_out, reference_out in [("y", k[0], e[0], ref[0]), ("dx", k[1], e[1], ref[1])] + \
+            [(n, k[2][n], e[2][n], ref[2][n]) for n in ref[2]]:
+        assert_close_to_reference(name, got, eager_out, reference_out)
+
+
+@pytest.mark.parametrize("shape", SYSTEM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", test_sigmoid_gate.FORMS, ids=test_sigmoid_gate.FORM_IDS)
+def test_sigmoid_gate_matches_reference(form, backend, dtype, layout, shape, poisoned):
+    spatial, residual = form
+    if backend == "cuda" and not spatial:
+        pytest.skip("the point-wise gate has Triton's kernel only")
+    x, logits = test_sigmoid_gate.inputs(shape, spatial, dtype, layout)
+    x, logits = x.cuda(), logits.cuda()
+    dy = make_x(shape, dtype, "cuda", layout, seed=1)
+    with attn_kernels.use_backend(backend):
+        assert attn_kernels.functional.sigmoid_gate_dispatch(x, logits).backend == backend
+    step = test_sigmoid_gate.gate_step
+    ref = step(x.double(), logits.double(), dy.double(), residual, "reference")
+    eager, got = step(x, logits, dy, residual, "reference"), step(x, logits, dy, residual, backend)
+    for name, g, e, r in zip(["y", "dx", "dlogits"], got, eager, ref):
+        assert_close_to_reference(name, g, e, r)
+
+
+@pytest.mark.parametrize("shape", SYSTEM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("p", [2, 3])
+def test_attention_transfer_matches_reference(p, dtype, layout, shape, poisoned):
+    from attn_kernels import reference
+
+    student = make_x(shape, dtype, "cuda", layout)
+    teacher = make_x((shape[0], shape[1] // 2, shape[2] // 2 or 1, shape[3] // 2 or 1), dtype, "cuda", layout, seed=1)
+
+    def loss_and_grad(fn, s, t):
+        s = s.detach().clone().requires_grad_()
+        loss = fn(s, t, p)
+        return loss.detach(), torch.autograd.grad(loss, s)[0]
+
+    ref = loss_and_grad(reference.at_loss, student.double(), teacher.double())
+    eager = loss_and_grad(reference.at_loss, student, teacher)
+    with attn_kernels.use_backend("triton"):
+        got = loss_and_grad(attn_kernels.at_loss, student, teacher)
+    for name, g, e, r in zip(["loss", "dstudent"], got, eager, ref):
+        assert_close_to_reference(name, g, e, r)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_local_at_56x56_matches_timm_without_the_matrix(dtype):
+    eager64, _ = test_non_local.timm_pair(256)
+    eager, fused = test_non_local.timm_pair(256, dtype)
+    eager64, eager, fused = eager64.cuda(), eager.cuda(), fused.cuda()
+    x = make_x((4, 256, 56, 56), dtype, "cuda", "channels_last")
+    dy = make_x((4, 256, 56, 56), dtype, "cuda", "channels_last", seed=1)
+    grads = test_non_local.grads
+    ref = grads(eager64, eager64, x.double(), dy.double())
+    e = grads(eager, eager, x, dy)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    k = grads(fused, fused, x, dy)
+    peak = torch.cuda.max_memory_allocated() - before
+    matrix = 4 * (56 * 56) ** 2 * x.element_size()
+    assert peak < matrix, f"peak {peak / 1e6:.0f} MB >= one attention matrix {matrix / 1e6:.0f} MB"
+    for name, got, eager_out, reference_out in zip(["y", "dx"] + [n for n, _ in eager.named_parameters()], k, e, ref):
+        assert_close_to_reference(name, got, eager_out, reference_out)

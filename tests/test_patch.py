@@ -124,6 +124,51 @@ class ContextBlock(nn.Module):
         return out
 
 
+class ConvModule(nn.Module):
+    """mmcv.cnn.ConvModule(in, out, 1) without norm and activation, as NonLocal2d builds its g, theta, phi."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.with_activation = False
+        self.conv = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class NonLocal2d(nn.Module):
+    """mmcv.cnn.NonLocal2d (mmcv/cnn/bricks/non_local.py), written out for 'embedded_gaussian'
+    and the 'dot_product' mode (which has no fused path)."""
+
+    def __init__(self, in_channels, reduction=2, use_scale=True, mode="embedded_gaussian", sub_sample=False):
+        super().__init__()
+        self.in_channels, self.reduction, self.use_scale = in_channels, reduction, use_scale
+        self.inter_channels = in_channels // reduction
+        self.mode, self.sub_sample = mode, sub_sample
+        self.g = ConvModule(in_channels, self.inter_channels)
+        self.conv_out = ConvModule(self.inter_channels, in_channels)
+        self.theta = ConvModule(in_channels, self.inter_channels)
+        self.phi = ConvModule(in_channels, self.inter_channels)
+        if sub_sample:
+            self.g = nn.Sequential(self.g, nn.MaxPool2d(kernel_size=(2, 2)))
+            self.phi = nn.Sequential(self.phi, nn.MaxPool2d(kernel_size=(2, 2)))
+
+    def forward(self, x):
+        n = x.size(0)
+        g_x = self.g(x).view(n, self.inter_channels, -1).permute(0, 2, 1)
+        theta_x = self.theta(x).view(n, self.inter_channels, -1).permute(0, 2, 1)
+        phi_x = self.phi(x).view(n, self.inter_channels, -1)
+        pairwise = torch.matmul(theta_x, phi_x)
+        if self.mode == "dot_product":
+            pairwise = pairwise / pairwise.shape[-1]
+        else:
+            if self.use_scale:
+                pairwise = pairwise / theta_x.shape[-1] ** 0.5
+            pairwise = pairwise.softmax(dim=-1)
+        y = torch.matmul(pairwise, g_x).permute(0, 2, 1).contiguous().reshape(n, self.inter_channels, *x.size()[2:])
+        return x + self.conv_out(y)
+
+
 # ---- every supported module ------------------------------------------------------------------------
 
 C = 32
@@ -155,7 +200,15 @@ MODULES = {
     "official eca_layer": lambda: eca_layer(C, k_size=5),
     "mmcv ContextBlock": lambda: ContextBlock(C, 1 / 4),
     "mmcv ContextBlock avg mul+add": lambda: ContextBlock(C, 1 / 4, "avg", ["channel_mul", "channel_add"]),
+    "timm SelectiveKernel": lambda: timm.layers.SelectiveKernel(C),
+    "timm SelectiveKernel 3 paths stride 2": lambda: timm.layers.SelectiveKernel(
+        C, kernel_size=[3, 5, 7], split_input=False, stride=2),
+    "timm NonLocalAttn": lambda: timm.layers.NonLocalAttn(C),
+    "mmcv NonLocal2d": lambda: NonLocal2d(C),
+    "mmcv NonLocal2d sub_sample": lambda: NonLocal2d(C, sub_sample=True, use_scale=False),
 }
+# The backend dispatch() names for a patched module; the others run Triton's kernels here.
+BACKEND = {name: "sdpa" for name in MODULES if "NonLocal" in name}
 
 
 def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -212,8 +265,9 @@ def test_patched_module_computes_what_it_did(name, train):
     assert [t.data_ptr() for t in patched.state_dict().values()] == tensors  # the same tensors, not copies
     x = make_x((2, C, 5, 6), dtype=torch.float64, seed=1)
     with attn_kernels.use_backend("triton"):
-        assert patched.dispatch(x).backend == "triton", patched.dispatch(x)
-    dy = make_x(tuple(x.shape), dtype=torch.float64, seed=2)
+        assert patched.dispatch(x).backend == BACKEND.get(name, "triton"), patched.dispatch(x)
+    with torch.no_grad():
+        dy = make_x(tuple(copy.deepcopy(original)(x).shape), dtype=torch.float64, seed=2)
     expected, got = step(original, x, dy, "reference"), step(patched, x, dy)
     assert expected.keys() == got.keys()
     for key in expected:
@@ -267,7 +321,10 @@ def test_report_says_why_a_module_is_left_alone():
         "own": OwnForward(C), "same": SameForward(C), "bn": timm.layers.SEModule(C, norm_layer=nn.BatchNorm2d),
         "gc_nothing": timm.layers.GlobalContext(C, fuse_scale=False), "eca_k": eca_layer(C), "eca_bias": eca_layer(C),
         "mmcv_no_ln_affine": ContextBlock(C, 1 / 4), "spatial_relu": SpatialGate(relu=True),
+        "dot_product": NonLocal2d(C, mode="dot_product"), "sk_mish": timm.layers.SelectiveKernel(C),
+        "sk_attn": timm.layers.selective_kernel.SelectiveKernelAttn(C),
     })
+    model["sk_mish"].attn.act = nn.Mish()
     model["eca_bias"].conv = nn.Conv1d(1, 1, 3, padding=1, bias=True)
     model["mmcv_no_ln_affine"].channel_add_conv[1] = nn.LayerNorm([8, 1, 1], elementwise_affine=False)
     details = {e.name: (e.status, e.detail) for e in attn_kernels.patch_report(model).entries}
@@ -279,6 +336,9 @@ def test_report_says_why_a_module_is_left_alone():
     assert "bias=False" in details["eca_bias"][1]
     assert "LayerNorm([planes, 1, 1])" in details["mmcv_no_ln_affine"][1]
     assert "relu" in details["spatial_relu"][1]
+    assert "mode 'dot_product'" in details["dot_product"][1]
+    assert details["sk_mish"][0] == "left alone" and "attn.act" in details["sk_mish"][1]
+    assert details["sk_attn"][0] == "patchable"
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         attn_kernels.patch(lambda x: x)
 

@@ -31,6 +31,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 # in Triton, shared memory in CUDA, whose kernel has the same limit), so C is bounded.
 ATTENTION_POOL_MAX_CHANNELS = 4096
 
+# The multi-path kernels (Selective Kernel) unroll one pointer per path, up to this many.
+MAX_PATHS = 4
+
 
 def fused_op(name: str):
     """torch.library.custom_op(name) for a block's forward or backward, its body run with autocast
@@ -40,7 +43,8 @@ def fused_op(name: str):
     def decorate(fn):
         @functools.wraps(fn)
         def body(*args, **kwargs):
-            with torch.autocast(args[0].device.type, enabled=False):  # args[0]: x, or dy in backward
+            first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]  # x (or a list of them), dy
+            with torch.autocast(first.device.type, enabled=False):
                 return fn(*args, **kwargs)
 
         return torch.library.custom_op(name, mutates_args=())(body)
