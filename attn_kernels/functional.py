@@ -262,6 +262,22 @@ def _check_pool(pool):
         raise ValueError(f"pool must be one of {', '.join(map(repr, POOLS))}, got {pool!r}")
 
 
+def _batch_norm_reason(x, channels: int, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training: bool,
+                       values_per_channel: int) -> Optional[str]:
+    """Checks a fused BatchNorm's tensors ((channels,) each, optional) and says why its
+    configuration has no fused kernel, or None."""
+    for name, t in (("bn_running_mean", bn_running_mean), ("bn_running_var", bn_running_var),
+                    ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        _check_tensor(name, t, (channels,), x, optional=True)
+    if bn_weight is None or bn_bias is None:
+        return "a BatchNorm without affine weight and bias has no fused kernel"
+    if not bn_training and (bn_running_mean is None or bn_running_var is None):
+        return "BatchNorm normalizes with batch statistics in eval (no running statistics): no fused kernel"
+    if bn_training and values_per_channel <= 1:
+        return "BatchNorm in training needs more than one value per channel"
+    return None
+
+
 def _cbam_plan(x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, act, gate):
     """(dispatch, act kernel name, gate kernel name) for cbam() on x with this configuration."""
     _check_activation_input(x)
@@ -272,20 +288,12 @@ def _cbam_plan(x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bi
             f"{tuple(conv_weight.shape) if isinstance(conv_weight, Tensor) else type(conv_weight).__name__}"
         )
     _check_tensor("conv_weight", conv_weight, tuple(conv_weight.shape), x)
-    for name, t in (("bn_running_mean", bn_running_mean), ("bn_running_var", bn_running_var),
-                    ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
-        _check_tensor(name, t, (1,), x, optional=True)
+    reason = _batch_norm_reason(x, 1, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training,
+                                x.shape[0] * x.shape[2] * x.shape[3])
     act_name, gate_name = _kernel_name(act, "act"), _kernel_name(gate, "gate")
-    reason = None
-    if bn_weight is None or bn_bias is None:
-        reason = "a BatchNorm without affine weight and bias has no fused kernel"
-    elif not bn_training and (bn_running_mean is None or bn_running_var is None):
-        reason = "BatchNorm normalizes with batch statistics in eval (no running statistics): no fused kernel"
-    elif bn_training and x.shape[0] * x.shape[2] * x.shape[3] <= 1:
-        reason = "BatchNorm in training needs more than one value per channel"
-    elif act_name is None:
+    if reason is None and act_name is None:
         reason = _no_formula("act", act)
-    elif gate_name is None:
+    elif reason is None and gate_name is None:
         reason = _no_formula("gate", gate)
     return dispatch(x, reason), act_name, gate_name
 
@@ -466,21 +474,15 @@ def _selective_kernel_plan(paths, fc_reduce_weight, fc_select_weight, bn_running
     tail = (1, 1) if fc_reduce_weight.dim() == 4 else ()
     _check_tensor("fc_reduce_weight", fc_reduce_weight, (A, C, *tail), x)
     _check_tensor("fc_select_weight", fc_select_weight, (P * C, A, *tail), x)
-    for name, t in (("bn_running_mean", bn_running_mean), ("bn_running_var", bn_running_var),
-                    ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
-        _check_tensor(name, t, (A,), x, optional=True)
+    bn_reason = _batch_norm_reason(x, A, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, x.shape[0])
     act_name = _kernel_name(act, "act")
     reason = None
     if P > MAX_PATHS:
         reason = f"{P} paths; the kernels take at most {MAX_PATHS}"
     elif any(p.stride() != x.stride() for p in paths[1:] if p.numel()):
         reason = "the paths lie in different memory layouts"
-    elif bn_weight is None or bn_bias is None:
-        reason = "a BatchNorm without affine weight and bias has no fused kernel"
-    elif not bn_training and (bn_running_mean is None or bn_running_var is None):
-        reason = "BatchNorm normalizes with batch statistics in eval (no running statistics): no fused kernel"
-    elif bn_training and x.shape[0] <= 1:
-        reason = "BatchNorm in training needs more than one value per channel"
+    elif bn_reason is not None:
+        reason = bn_reason
     elif act_name is None:
         reason = _no_formula("act", act)
     return dispatch(x, reason, TRITON_ONLY), act_name
