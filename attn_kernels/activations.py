@@ -20,6 +20,17 @@ class Activation(NamedTuple):
     # d forward(h) / dh, evaluated at the pre-activation h, with PyTorch's choice at kinks
     # (relu'(0) = 0, hardsigmoid' = 0 at +-3), so gradients match autograd's.
     derivative: Callable[[torch.Tensor], torch.Tensor]
+    # (grad, h) -> grad * forward'(h) as PyTorch's backward computes it, for the piecewise
+    # activations: it selects rather than multiplies, so a flat piece stops an inf or NaN grad
+    # (0, where inf * 0 would be NaN), and a NaN h takes the branch PyTorch's comparisons take.
+    # None: grad * derivative(h).
+    selected_backward: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
+
+    def backward(self, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """d loss / dh from d loss / d forward(h), with PyTorch's NaN and inf behaviour."""
+        if self.selected_backward is not None:
+            return self.selected_backward(grad, h)
+        return grad * self.derivative(h)
 
 
 # PyTorch's hardsigmoid backward scales by 1/6 rounded to float32 in every dtype; so do we.
@@ -36,19 +47,39 @@ def _gelu_derivative(h):
 
 
 def _hardswish_derivative(h):
-    return torch.where(h < -3, torch.zeros_like(h), torch.where(h <= 3, h / 3 + 0.5, torch.ones_like(h)))
+    # PyTorch's hardswish_backward: 0 up to -3 included, 1 from 3 included.
+    return torch.where(h <= -3, torch.zeros_like(h), torch.where(h < 3, h / 3 + 0.5, torch.ones_like(h)))
+
+
+# The piecewise backwards as PyTorch computes them (its CPU kernels for float32, float16 and
+# bfloat16; for float64 they send a NaN h to 0 in relu6's and to NaN in hardswish's instead).
+def _relu_backward(grad, h):
+    return torch.where(h <= 0, torch.zeros_like(grad), grad)  # threshold_backward(grad, relu(h), 0)
+
+
+def _relu6_backward(grad, h):
+    return torch.where((h <= 0) | (h >= 6), torch.zeros_like(grad), grad)  # hardtanh_backward
+
+
+def _hard_sigmoid_backward(grad, h):
+    return torch.where((h > -3) & (h < 3), grad * _ONE_SIXTH, torch.zeros_like(grad))
+
+
+def _hardswish_backward(grad, h):
+    return torch.where(h <= -3, torch.zeros_like(grad), torch.where(h < 3, grad * (h / 3 + 0.5), grad))
 
 
 ACTIVATIONS = {
     "identity": Activation(lambda h: h, torch.ones_like),
-    "relu": Activation(F.relu, lambda h: (h > 0).to(h.dtype)),
-    "relu6": Activation(F.relu6, lambda h: ((h > 0) & (h < 6)).to(h.dtype)),
+    "relu": Activation(F.relu, lambda h: (h > 0).to(h.dtype), _relu_backward),
+    "relu6": Activation(F.relu6, lambda h: ((h > 0) & (h < 6)).to(h.dtype), _relu6_backward),
     "silu": Activation(F.silu, _silu_derivative),
     "gelu": Activation(F.gelu, _gelu_derivative),
     "tanh": Activation(torch.tanh, lambda h: 1 - torch.tanh(h) ** 2),
     "sigmoid": Activation(torch.sigmoid, lambda h: torch.sigmoid(h) * (1 - torch.sigmoid(h))),
-    "hard_sigmoid": Activation(F.hardsigmoid, lambda h: ((h > -3) & (h < 3)).to(h.dtype) * _ONE_SIXTH),
-    "hard_swish": Activation(F.hardswish, _hardswish_derivative),
+    "hard_sigmoid": Activation(F.hardsigmoid, lambda h: ((h > -3) & (h < 3)).to(h.dtype) * _ONE_SIXTH,
+                               _hard_sigmoid_backward),
+    "hard_swish": Activation(F.hardswish, _hardswish_derivative, _hardswish_backward),
 }
 
 # Names timm accepts for layers; each maps to the class timm's create_act_layer would build

@@ -1,7 +1,8 @@
 """Which backend computes a block for a given input, and why the others were passed over.
 
 Backends:
-  'cuda'       the compiled CUDA extension (csrc/), for CUDA tensors
+  'cuda'       the compiled CUDA extension (csrc/), for CUDA tensors; for CPU tensors, the same
+               kernels under the CPU emulation of CUDA (attn_kernels._emulated), where built
   'triton'     the Triton kernels, for CUDA tensors, or CPU tensors under TRITON_INTERPRET=1
   'reference'  pure PyTorch (attn_kernels.reference): any device, dtype and layout
   'auto'       (default) 'cuda', else 'triton', else 'reference'; CPU tensors go to 'reference'
@@ -24,6 +25,7 @@ BACKENDS = ("auto", "cuda", "triton", "reference")
 KERNEL_BACKENDS = ("cuda", "triton")  # the order 'auto' tries them in
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 ENV_VAR = "ATTN_KERNELS_BACKEND"
+CUDA_MAX_ELEMENTS = 2**34
 
 def _validated(name, source: str) -> str:
     if name not in BACKENDS:
@@ -79,6 +81,22 @@ def cuda_extension_error() -> Optional[str]:
     return _status_cache["cuda"]
 
 
+@torch.compiler.assume_constant_result
+def cuda_emulation_error() -> Optional[str]:
+    """Why the CPU emulation of the CUDA kernels cannot be used, or None when it is loaded."""
+    if "emulation" not in _status_cache:
+        try:
+            from . import _emulated  # noqa: F401  (loading it registers torch.ops.attn_kernels_emulated)
+
+            _status_cache["emulation"] = None
+        except ImportError:
+            _status_cache["emulation"] = (
+                "the cuda backend runs on CUDA tensors, or on CPU tensors where the CUDA emulation "
+                "attn_kernels._emulated is built (ATTN_KERNELS_BUILD_EMULATION=1)"
+            )
+    return _status_cache["emulation"]
+
+
 def cuda_build_info() -> dict:
     """What setup.py recorded when it compiled the extension (arch list, torch and CUDA versions)."""
     path = os.path.join(os.path.dirname(__file__), "_build_info.json")
@@ -120,11 +138,18 @@ def unavailable_reason(backend: str, x: torch.Tensor) -> Optional[str]:
     if backend in ("reference", "auto"):
         return None
     if backend == "cuda":
-        why = cuda_extension_error()
-        if why is None and x.device.type != "cuda":
+        if x.device.type == "cpu":
+            why = cuda_emulation_error()
+            why = why and f"x is on cpu; {why}"
+        elif x.device.type != "cuda":
             why = f"x is on {x.device}; the cuda backend runs on CUDA tensors"
-        if why is None:
-            why = cuda_arch_error(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        else:
+            why = cuda_extension_error() or cuda_arch_error(
+                x.device.index if x.device.index is not None else torch.cuda.current_device())
+        if why is None and x.numel() >= CUDA_MAX_ELEMENTS:
+            # Below this, every grid the CUDA kernels launch is within the GPU's limits: the
+            # per-channel reduction launches up to N*C/8 blocks along x, whose limit is 2^31 - 1.
+            why = f"x has {x.numel()} elements; the cuda kernels' grids are sized for fewer than 2^34"
     else:
         why = triton_error()
         if why is None and x.device.type != "cuda" and not (x.device.type == "cpu" and triton_interpreted()):
@@ -146,9 +171,11 @@ class Dispatch(NamedTuple):
 
     backend: str
     passed_over: Dict[str, str]
+    emulated: bool = False  # the cuda backend on CPU tensors: the CUDA kernels under CPU emulation
 
     def __str__(self):
-        lines = [f"backend: {self.backend}"] + [f"  not {name}: {why}" for name, why in self.passed_over.items()]
+        chosen = f"{self.backend} (CUDA kernels under CPU emulation)" if self.emulated else self.backend
+        lines = [f"backend: {chosen}"] + [f"  not {name}: {why}" for name, why in self.passed_over.items()]
         return "\n".join(lines)
 
 
@@ -182,4 +209,4 @@ def dispatch(x: torch.Tensor, block_reason: Optional[str] = None,
             chosen = backend
             break
         passed_over[backend] = why
-    return Dispatch(chosen, passed_over)
+    return Dispatch(chosen, passed_over, emulated=chosen == "cuda" and x.device.type == "cpu")

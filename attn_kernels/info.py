@@ -47,6 +47,11 @@ def report() -> str:
     else:
         lines.append(f"CUDA extension: not available: {why_not_built}")
 
+    why_no_emulation = backends.cuda_emulation_error()
+    lines.append("CUDA emulation: " + (
+        "built (attn_kernels._emulated): the cuda backend runs the CUDA kernels on CPU tensors under an "
+        "emulation of CUDA's execution model" if why_no_emulation is None else f"not built: {why_no_emulation}"))
+
     lines.append(f"backend setting: {backends.get_backend()!r} (set_backend, use_backend or ${backends.ENV_VAR})")
     lines.append(f"backends for a {probe.device.type.upper()} tensor here:")
     for name in backends.KERNEL_BACKENDS + ("reference",):

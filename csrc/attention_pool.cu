@@ -9,7 +9,7 @@
 //       dx = dy*gate[n,c] + a*(dcontext[n,c] + (u - k[n])*weight[c]),  dweight[c] = sum_n,p dl*x
 //       with u = sum_c dcontext*x per pixel, k[n] = sum_c dcontext*context, dl = a*(u - k)
 //
-// One block per (split of H*W, n). Each step stages a tile of x (P pixels, all C channels) in
+// One block per (n, split of H*W). Each step stages a tile of x (P pixels, all C channels) in
 // shared memory: one read of x from DRAM serves both the logits (a reduction over C per pixel,
 // a warp per pixel) and the weighted sums over pixels (a thread per channel, its accumulators in
 // registers). The softmax is online, in the accumulator type: the running max and sum are
@@ -58,7 +58,7 @@ __device__ __forceinline__ TileIndex tile_index(int i, int pixels, int64_t n, in
 
 // Stages the tile of `pixels` pixels from hw0 of sample n in shared memory, as tile[p*C + c].
 template <typename scalar_t>
-__device__ __forceinline__ void load_tile(scalar_t* tile, const scalar_t* __restrict__ x, int pixels, int64_t n,
+__device__ __forceinline__ void load_tile(dev_ptr<scalar_t> tile, dev_ptr<const scalar_t> x, int pixels, int64_t n,
                                           int64_t hw0, int64_t C, int64_t HW, bool nhwc) {
   for (int i = threadIdx.x; i < pixels * C; i += kThreads) {
     const TileIndex t = tile_index(i, pixels, n, hw0, C, HW, nhwc);
@@ -68,9 +68,8 @@ __device__ __forceinline__ void load_tile(scalar_t* tile, const scalar_t* __rest
 }
 
 // sum_c tile_p[c] * v[c] for one pixel of the tile, by one warp.
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t pixel_dot(const scalar_t* tile_p, const acc_t* __restrict__ v, int64_t C,
-                                           int lane) {
+template <typename acc_t, typename TilePtr, typename VectorPtr>
+__device__ __forceinline__ acc_t pixel_dot(TilePtr tile_p, VectorPtr v, int64_t C, int lane) {
   acc_t sum = 0;
   for (int c = lane; c < C; c += 32) sum += static_cast<acc_t>(tile_p[c]) * v[c];
   return warp_sum(sum);
@@ -78,15 +77,14 @@ __device__ __forceinline__ acc_t pixel_dot(const scalar_t* tile_p, const acc_t* 
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads) attention_pool_kernel(
-    const scalar_t* __restrict__ x, const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-    acc_t* __restrict__ part_acc, acc_t* __restrict__ part_max, acc_t* __restrict__ part_sum, int64_t N, int64_t C,
-    int64_t HW, int64_t hw_per_split, int tile_pixels, bool nhwc) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  scalar_t* tile = reinterpret_cast<scalar_t*>(smem);
-  __shared__ acc_t logits[kMaxTilePixels];
-  __shared__ acc_t tile_max_rescale[2];  // the tile's new running max, and exp(old max - new max)
+    dev_ptr<const scalar_t> x, dev_ptr<const acc_t> weight, dev_ptr<const acc_t> bias, dev_ptr<acc_t> part_acc,
+    dev_ptr<acc_t> part_max, dev_ptr<acc_t> part_sum, int64_t N, int64_t C, int64_t HW, int64_t hw_per_split,
+    int tile_pixels, bool nhwc) {
+  AK_DYNAMIC_SHARED(scalar_t, tile);
+  AK_SHARED(acc_t, logits, kMaxTilePixels);
+  AK_SHARED(acc_t, tile_max_rescale, 2);  // the tile's new running max, and exp(old max - new max)
 
-  const int64_t split = blockIdx.x, n = blockIdx.y;
+  const int64_t n = blockIdx.x, split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t begin = split * hw_per_split, end = min(HW, begin + hw_per_split);
   const acc_t b = bias[0];
@@ -100,15 +98,17 @@ __global__ void __launch_bounds__(kThreads) attention_pool_kernel(
     const int pixels = int(min(int64_t(tile_pixels), end - hw0));
     load_tile(tile, x, pixels, n, hw0, C, HW, nhwc);
     for (int p = warp; p < pixels; p += kWarps) {
-      const acc_t l = pixel_dot(tile + p * C, weight, C, lane) + b;
+      const acc_t l = pixel_dot<acc_t>(tile + p * C, weight, C, lane) + b;
       if (lane == 0) logits[p] = l;
     }
     __syncthreads();
     if (warp == 0) {
       const acc_t l = lane < pixels ? logits[lane] : acc_t(-INFINITY);
-      const acc_t new_max = max(run_max, warp_max(l));
-      const acc_t e = lane < pixels ? exp_acc(l - new_max) : acc_t(0);
-      const acc_t rescale = exp_acc(run_max - new_max);  // 0 on the first tile
+      // NaN propagates as in torch.softmax; a logit of -inf weighs 0 even while the running max
+      // is -inf too (where exp(-inf - -inf) would be NaN).
+      const acc_t new_max = max_nan(run_max, warp_max(l));
+      const acc_t e = lane < pixels && l != acc_t(-INFINITY) ? exp_acc(l - new_max) : acc_t(0);
+      const acc_t rescale = run_max == new_max ? acc_t(1) : exp_acc(run_max - new_max);  // 0 on the first tile
       run_sum = run_sum * rescale + warp_sum(e);
       if (lane < pixels) logits[lane] = e;  // the tile's softmax numerators, in place
       if (lane == 0) {
@@ -143,22 +143,20 @@ __global__ void __launch_bounds__(kThreads) attention_pool_kernel(
 
 template <typename scalar_t, typename acc_t, bool kHasGate>
 __global__ void __launch_bounds__(kThreads) attention_pool_backward_kernel(
-    const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, const acc_t* __restrict__ gate,
-    const acc_t* __restrict__ dcontext, const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-    const acc_t* __restrict__ lse, const acc_t* __restrict__ k_dot, scalar_t* __restrict__ dx,
-    acc_t* __restrict__ part_dweight, int64_t N, int64_t C, int64_t HW, int64_t hw_per_split, int tile_pixels,
-    bool nhwc) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  scalar_t* tile = reinterpret_cast<scalar_t*>(smem);
-  __shared__ acc_t attn[kMaxTilePixels];
-  __shared__ acc_t dlogits[kMaxTilePixels];
+    dev_ptr<const scalar_t> dy, dev_ptr<const scalar_t> x, dev_ptr<const acc_t> gate, dev_ptr<const acc_t> dcontext,
+    dev_ptr<const acc_t> weight, dev_ptr<const acc_t> bias, dev_ptr<const acc_t> lse, dev_ptr<const acc_t> k_dot,
+    dev_ptr<scalar_t> dx, dev_ptr<acc_t> part_dweight, int64_t N, int64_t C, int64_t HW, int64_t hw_per_split,
+    int tile_pixels, bool nhwc) {
+  AK_DYNAMIC_SHARED(scalar_t, tile);
+  AK_SHARED(acc_t, attn, kMaxTilePixels);
+  AK_SHARED(acc_t, dlogits, kMaxTilePixels);
 
-  const int64_t split = blockIdx.x, n = blockIdx.y;
+  const int64_t n = blockIdx.x, split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t begin = split * hw_per_split, end = min(HW, begin + hw_per_split);
   const acc_t b = bias[0], lse_n = lse[n], k_n = k_dot[n];
-  const acc_t* dctx = dcontext + n * C;
-  const acc_t* g = kHasGate ? gate + n * C : nullptr;
+  const auto dctx = dcontext + n * C;
+  const auto g = gate + (kHasGate ? n * C : 0);  // null without a gate
 
   acc_t dw[kChannelsPerThread];
 #pragma unroll
@@ -168,8 +166,8 @@ __global__ void __launch_bounds__(kThreads) attention_pool_backward_kernel(
     const int pixels = int(min(int64_t(tile_pixels), end - hw0));
     load_tile(tile, x, pixels, n, hw0, C, HW, nhwc);
     for (int p = warp; p < pixels; p += kWarps) {
-      const acc_t l = pixel_dot(tile + p * C, weight, C, lane) + b;
-      const acc_t u = pixel_dot(tile + p * C, dctx, C, lane);
+      const acc_t l = pixel_dot<acc_t>(tile + p * C, weight, C, lane) + b;
+      const acc_t u = pixel_dot<acc_t>(tile + p * C, dctx, C, lane);
       if (lane == 0) {
         const acc_t a = exp_acc(l - lse_n);
         attn[p] = a;
@@ -226,14 +224,8 @@ void check_weights(const char* op, const at::Tensor& x, const at::Tensor& weight
   const auto acc = at::toAccumulateType(x.scalar_type(), true);
   AK_CHECK(x.size(1) <= kMaxChannels, op, "argument 'x' has ", x.size(1), " channels; at most ", kMaxChannels,
            " are supported");
-  AK_CHECK(weight.is_cuda() && weight.is_contiguous() && weight.dim() == 1 && weight.size(0) == x.size(1) &&
-               weight.scalar_type() == acc && weight.device() == x.device(),
-           op, "argument 'weight' must be a contiguous CUDA tensor of shape (C,) = (", x.size(1), ",) and dtype ",
-           acc, " on x's device, got ", weight.sizes(), " ", weight.scalar_type(), " ", weight.device());
-  AK_CHECK(bias.is_cuda() && bias.dim() == 1 && bias.size(0) == 1 && bias.scalar_type() == acc &&
-               bias.device() == x.device(),
-           op, "argument 'bias' must be a CUDA tensor of shape (1,) and dtype ", acc, " on x's device, got ",
-           bias.sizes(), " ", bias.scalar_type(), " ", bias.device());
+  AK_CHECK_STAT_SHAPE(op, weight, x, "(C,)", {x.size(1)});
+  AK_CHECK_STAT_SHAPE(op, bias, x, "(1,)", {1});
 }
 
 }  // namespace
@@ -244,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool(const at::Tensor& x, const at:
   check_activation(op, x);
   const Layout layout = layout_of(op, x, "x");
   check_weights(op, x, weight, bias);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   const auto stat_options = x.options().dtype(at::toAccumulateType(x.scalar_type(), true));
   if (x.numel() == 0) return {at::zeros({N, C}, stat_options), at::zeros({N}, stat_options)};
@@ -253,15 +245,14 @@ std::tuple<at::Tensor, at::Tensor> attention_pool(const at::Tensor& x, const at:
   at::Tensor part_acc = at::empty({plan.splits, N, C}, stat_options);
   at::Tensor part_max = at::empty({plan.splits, N}, stat_options);
   at::Tensor part_sum = at::empty({plan.splits, N}, stat_options);
-  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const size_t smem = size_t(plan.tile_pixels) * C * sizeof(scalar_t);
-    attention_pool_kernel<scalar_t, acc_t><<<dim3(plan.splits, N), kThreads, smem, stream>>>(
-        x.data_ptr<scalar_t>(), weight.data_ptr<acc_t>(), bias.data_ptr<acc_t>(), part_acc.data_ptr<acc_t>(),
-        part_max.data_ptr<acc_t>(), part_sum.data_ptr<acc_t>(), N, C, HW, plan.per_split, plan.tile_pixels,
+    launch<attention_pool_kernel<scalar_t, acc_t>>(
+        op, N, plan.splits, kThreads, size_t(plan.tile_pixels) * C * sizeof(scalar_t), device_ptr<const scalar_t>(x, "x"),
+        device_ptr<const acc_t>(weight, "weight"), device_ptr<const acc_t>(bias, "bias"),
+        device_ptr<acc_t>(part_acc, "part_acc"), device_ptr<acc_t>(part_max, "part_max"),
+        device_ptr<acc_t>(part_sum, "part_sum"), N, C, HW, plan.per_split, plan.tile_pixels,
         layout == Layout::kNHWC);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   // Combine the splits' online-softmax partials, in split order.
   const at::Tensor total_max = std::get<0>(part_max.max(0));
@@ -285,11 +276,8 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward(const at::Tensor& dy,
   if (gate.has_value()) AK_CHECK_STAT(op, (*gate), x);
   AK_CHECK_STAT(op, context, x);
   AK_CHECK_STAT(op, dcontext, x);
-  AK_CHECK(lse.is_cuda() && lse.is_contiguous() && lse.dim() == 1 && lse.size(0) == x.size(0) &&
-               lse.scalar_type() == weight.scalar_type(),
-           op, "argument 'lse' must be a contiguous CUDA tensor of shape (N,) = (", x.size(0), ",) and dtype ",
-           weight.scalar_type(), ", got ", lse.sizes(), " ", lse.scalar_type());
-  const c10::cuda::CUDAGuard guard(x.device());
+  AK_CHECK_STAT_SHAPE(op, lse, x, "(N,)", {x.size(0)});
+  const DeviceGuard guard(x.device());
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
   at::Tensor dx = at::empty_like(dy);
   if (x.numel() == 0) return {dx, at::zeros({C}, weight.options())};
@@ -297,29 +285,29 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward(const at::Tensor& dy,
   const at::Tensor k_dot = (dcontext * context).sum(1);
   const Plan plan = plan_for(x);
   at::Tensor part_dweight = at::empty({plan.splits, N, C}, weight.options());
-  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const size_t smem = size_t(plan.tile_pixels) * C * sizeof(scalar_t);
-    const acc_t* gate_ptr = gate.has_value() ? gate->data_ptr<acc_t>() : nullptr;
-    auto launch = [&](auto kernel) {
-      kernel<<<dim3(plan.splits, N), kThreads, smem, stream>>>(
-          dy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), gate_ptr, dcontext.data_ptr<acc_t>(),
-          weight.data_ptr<acc_t>(), bias.data_ptr<acc_t>(), lse.data_ptr<acc_t>(), k_dot.data_ptr<acc_t>(),
-          dx.data_ptr<scalar_t>(), part_dweight.data_ptr<acc_t>(), N, C, HW, plan.per_split, plan.tile_pixels,
+    const auto run = [&](auto kernel) {
+      launch<decltype(kernel)::value>(
+          op, N, plan.splits, kThreads, size_t(plan.tile_pixels) * C * sizeof(scalar_t),
+          device_ptr<const scalar_t>(dy, "dy"), device_ptr<const scalar_t>(x, "x"),
+          device_ptr<const acc_t>(gate.has_value() ? &*gate : nullptr, "gate"),
+          device_ptr<const acc_t>(dcontext, "dcontext"), device_ptr<const acc_t>(weight, "weight"),
+          device_ptr<const acc_t>(bias, "bias"), device_ptr<const acc_t>(lse, "lse"),
+          device_ptr<const acc_t>(k_dot, "k_dot"), device_ptr<scalar_t>(dx, "dx"),
+          device_ptr<acc_t>(part_dweight, "part_dweight"), N, C, HW, plan.per_split, plan.tile_pixels,
           layout == Layout::kNHWC);
     };
     if (gate.has_value()) {
-      launch(attention_pool_backward_kernel<scalar_t, acc_t, true>);
+      run(Kernel<attention_pool_backward_kernel<scalar_t, acc_t, true>>{});
     } else {
-      launch(attention_pool_backward_kernel<scalar_t, acc_t, false>);
+      run(Kernel<attention_pool_backward_kernel<scalar_t, acc_t, false>>{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dx, part_dweight.sum(at::IntArrayRef{0, 1})};
 }
 
-TORCH_LIBRARY_IMPL(attn_kernels_cuda, CUDA, m) {
+AK_LIBRARY_IMPL(AK_LIBRARY, AK_DISPATCH_KEY, m) {
   m.impl("attention_pool", &attention_pool);
   m.impl("attention_pool_backward", &attention_pool_backward);
 }

@@ -22,11 +22,10 @@ namespace {
 // VEC elements per memory instruction; VEC divides the contiguous dimension (H*W or C), so a
 // pack never straddles two (n, c) statistics in NCHW and covers VEC consecutive channels in NHWC.
 template <typename scalar_t, typename acc_t, int VEC, bool kBias, bool kTies>
-__global__ void gate_apply_kernel(const scalar_t* __restrict__ a, const acc_t* __restrict__ gate,
-                                  const acc_t* __restrict__ bias, const scalar_t* __restrict__ x,
-                                  const acc_t* __restrict__ xmax, const acc_t* __restrict__ tie_coef,
-                                  scalar_t* __restrict__ out, int64_t numel, int64_t C, int64_t HW,
-                                  bool nhwc) {
+__global__ void gate_apply_kernel(dev_ptr<const scalar_t> a, dev_ptr<const acc_t> gate, dev_ptr<const acc_t> bias,
+                                  dev_ptr<const scalar_t> x, dev_ptr<const acc_t> xmax,
+                                  dev_ptr<const acc_t> tie_coef, dev_ptr<scalar_t> out, int64_t numel, int64_t C,
+                                  int64_t HW, bool nhwc) {
   using P = Pack<scalar_t, VEC>;
   const int64_t packs = numel / VEC;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -39,9 +38,9 @@ __global__ void gate_apply_kernel(const scalar_t* __restrict__ a, const acc_t* _
     } else {
       s = i / HW;
     }
-    const P pa = *reinterpret_cast<const P*>(a + i);
+    const P pa = load_pack<P>(a, i);
     P px;
-    if constexpr (kTies) px = *reinterpret_cast<const P*>(x + i);
+    if constexpr (kTies) px = load_pack<P>(x, i);
     P po;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -51,7 +50,7 @@ __global__ void gate_apply_kernel(const scalar_t* __restrict__ a, const acc_t* _
       if constexpr (kTies) r += static_cast<acc_t>(px.v[k]) == xmax[sk] ? tie_coef[sk] : acc_t(0);
       po.v[k] = static_cast<scalar_t>(r);
     }
-    *reinterpret_cast<P*>(out + i) = po;
+    store_pack(out, i, po);
   }
 }
 
@@ -62,30 +61,25 @@ void launch_gate_apply(const at::Tensor& a, const at::Tensor& gate, const at::Te
   const int64_t numel = a.numel();
   const int64_t C = a.size(1), HW = a.size(2) * a.size(3);
   const int64_t contiguous_dim = layout == Layout::kNHWC ? C : HW;
-  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "channel_gate_apply", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const auto* a_ptr = a.data_ptr<scalar_t>();
-    const auto* x_ptr = kTies ? x->data_ptr<scalar_t>() : nullptr;
-    auto* out_ptr = out.data_ptr<scalar_t>();
     const bool vectorize =
-        contiguous_dim % kVec == 0 && aligned16(a_ptr) && aligned16(out_ptr) && (!kTies || aligned16(x_ptr));
-    const int64_t blocks = elementwise_blocks(numel / (vectorize ? kVec : 1));
-    const int threads = kElementwiseThreads;
-    const acc_t* gate_ptr = gate.data_ptr<acc_t>();
-    const acc_t* bias_ptr = kBias ? bias->data_ptr<acc_t>() : nullptr;
-    const acc_t* xmax_ptr = kTies ? xmax->data_ptr<acc_t>() : nullptr;
-    const acc_t* tie_ptr = kTies ? tie_coef->data_ptr<acc_t>() : nullptr;
-    const bool nhwc = layout == Layout::kNHWC;
+        contiguous_dim % kVec == 0 && aligned16(a) && aligned16(out) && (!kTies || aligned16(*x));
+    const auto run = [&](auto vec) {
+      constexpr int kPack = decltype(vec)::value;
+      launch<gate_apply_kernel<scalar_t, acc_t, kPack, kBias, kTies>>(
+          "channel_gate_apply", elementwise_blocks(numel / kPack), 1, kElementwiseThreads, 0,
+          device_ptr<const scalar_t>(a, "a"), device_ptr<const acc_t>(gate, "gate"),
+          device_ptr<const acc_t>(bias, "bias"), device_ptr<const scalar_t>(x, "x"),
+          device_ptr<const acc_t>(xmax, "xmax"), device_ptr<const acc_t>(tie_coef, "tie_coef"),
+          device_ptr<scalar_t>(out, "out"), numel, C, HW, layout == Layout::kNHWC);
+    };
     if (vectorize) {
-      gate_apply_kernel<scalar_t, acc_t, kVec, kBias, kTies><<<blocks, threads, 0, stream>>>(
-          a_ptr, gate_ptr, bias_ptr, x_ptr, xmax_ptr, tie_ptr, out_ptr, numel, C, HW, nhwc);
+      run(std::integral_constant<int, kVec>{});
     } else {
-      gate_apply_kernel<scalar_t, acc_t, 1, kBias, kTies><<<blocks, threads, 0, stream>>>(
-          a_ptr, gate_ptr, bias_ptr, x_ptr, xmax_ptr, tie_ptr, out_ptr, numel, C, HW, nhwc);
+      run(std::integral_constant<int, 1>{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -95,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> channel_pool(const at::Tensor& x, bool with_m
   constexpr const char* op = "channel_pool";
   check_activation(op, x);
   const Layout layout = layout_of(op, x, "x");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const auto stat_options = x.options().dtype(at::toAccumulateType(x.scalar_type(), true));
   if (x.numel() == 0) {
     return {at::zeros({x.size(0), x.size(1)}, stat_options),
@@ -121,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_grad_reduce(const at::Ten
            "argument 'dy' must have the same memory format as 'x'");
   if (xmax.has_value()) AK_CHECK_STAT(op, (*xmax), x);
   AK_CHECK(!(xmax.has_value() && with_dy_sum), op, "arguments 'xmax' and 'with_dy_sum' cannot be used together");
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   const auto stat_options = x.options().dtype(at::toAccumulateType(x.scalar_type(), true));
   const auto stat = [&](bool wanted) {
     return wanted ? at::zeros({x.size(0), x.size(1)}, stat_options) : at::empty({0}, stat_options);
@@ -157,7 +151,7 @@ at::Tensor channel_gate_apply(const at::Tensor& a, const at::Tensor& gate,
     AK_CHECK_STAT(op, (*tie_coef), a);
   }
   AK_CHECK(!ties || bias.has_value(), op, "argument 'bias' is required when 'xmax' is given");
-  const c10::cuda::CUDAGuard guard(a.device());
+  const DeviceGuard guard(a.device());
   // Same strides as a (also in size-1 dimensions), as the op's fake implementation promises.
   at::Tensor out = at::empty_like(a);
   if (a.numel() == 0) return out;
@@ -171,7 +165,7 @@ at::Tensor channel_gate_apply(const at::Tensor& a, const at::Tensor& gate,
   return out;
 }
 
-TORCH_LIBRARY_IMPL(attn_kernels_cuda, CUDA, m) {
+AK_LIBRARY_IMPL(AK_LIBRARY, AK_DISPATCH_KEY, m) {
   m.impl("channel_pool", &channel_pool);
   m.impl("channel_grad_reduce", &channel_grad_reduce);
   m.impl("channel_gate_apply", &channel_gate_apply);

@@ -1,21 +1,37 @@
 // Shared helpers for the attn_kernels CUDA kernels: argument checks that name the argument,
-// the two dense layouts every kernel accepts, and warp reductions.
+// the two dense layouts every kernel accepts, warp reductions, and the few constructs through
+// which the same sources compile twice: with nvcc for the GPU, and as host C++ (AK_EMULATION)
+// against emulation/cuda_emulation.h, whose kernels run on CPU tensors in the tests.
+//   dev_ptr<T>            a kernel's pointer parameter: T* __restrict__, or a bounds-checked pointer
+//   device_ptr<T>(t, n)   the host's pointer to tensor t's data, named n for error messages
+//   load_pack/store_pack  vector (16-byte) memory access
+//   AK_SHARED, AK_DYNAMIC_SHARED   shared memory arrays
+//   launch<kernel>(...)   a kernel launch, checked
+//   DeviceGuard, on_kernel_device, num_sms   the device the kernels run on
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <limits>
+
+#include "library.h"
+
+#ifdef AK_EMULATION
+#include "emulation/cuda_emulation.h"
+#else
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
 
 namespace attn_kernels {
 
 // Checks name the op and the argument, so a user sees which input was wrong and what was expected.
 #define AK_CHECK(cond, op, ...) TORCH_CHECK(cond, op, "(): ", __VA_ARGS__)
-#define AK_CHECK_CUDA(op, t) \
-  AK_CHECK((t).is_cuda(), op, "argument '" #t "' must be a CUDA tensor, got device ", (t).device())
+#define AK_CHECK_DEVICE(op, t) \
+  AK_CHECK(on_kernel_device(t), op, "argument '" #t "' must be a ", kKernelDevice, " tensor, got device ", (t).device())
 #define AK_CHECK_NCHW(op, t) \
   AK_CHECK((t).dim() == 4, op, "argument '" #t "' must be 4-D (N, C, H, W), got shape ", (t).sizes())
 #define AK_CHECK_FLOAT(op, t)                                                                     \
@@ -27,30 +43,24 @@ namespace attn_kernels {
            op, "argument '" #b "' must match '" #a "' in shape, dtype and device; got ",        \
            (b).sizes(), " ", (b).scalar_type(), " ", (b).device(), " vs ", (a).sizes(), " ",    \
            (a).scalar_type(), " ", (a).device())
-// Per-(n, c) statistics are accumulator-typed (float32, float64 for float64 input), shape (N, C).
-#define AK_CHECK_STAT(op, t, x)                                                                    \
-  AK_CHECK((t).is_cuda() && (t).is_contiguous() && (t).dim() == 2 && (t).size(0) == (x).size(0) && \
-               (t).size(1) == (x).size(1) &&                                                     \
-               (t).scalar_type() == at::toAccumulateType((x).scalar_type(), true),               \
-           op, "argument '" #t "' must be a contiguous CUDA tensor of shape (N, C) = (",         \
-           (x).size(0), ", ", (x).size(1), ") and dtype ",                                        \
-           at::toAccumulateType((x).scalar_type(), true), ", got ", (t).sizes(), " ",            \
-           (t).scalar_type(), " ", (t).device())
-
-// Per-pixel statistics: (N, H*W), same device and accumulator dtype.
-#define AK_CHECK_PIXEL_STAT(op, t, x)                                                              \
-  AK_CHECK((t).is_cuda() && (t).is_contiguous() && (t).dim() == 2 && (t).size(0) == (x).size(0) && \
-               (t).size(1) == (x).size(2) * (x).size(3) &&                                       \
-               (t).scalar_type() == at::toAccumulateType((x).scalar_type(), true),               \
-           op, "argument '" #t "' must be a contiguous CUDA tensor of shape (N, H*W) = (",       \
-           (x).size(0), ", ", (x).size(2) * (x).size(3), ") and dtype ",                          \
-           at::toAccumulateType((x).scalar_type(), true), ", got ", (t).sizes(), " ",            \
-           (t).scalar_type(), " ", (t).device())
+// A statistic of x: contiguous, of the given shape, in x's accumulator dtype (float32, float64
+// for float64 input) and on x's device (a kernel given another GPU's pointer reads garbage).
+#define AK_CHECK_STAT_SHAPE(op, t, x, shape_name, ...)                                                  \
+  AK_CHECK((t).device() == (x).device() && (t).is_contiguous() && (t).sizes() == at::IntArrayRef(__VA_ARGS__) && \
+               (t).scalar_type() == at::toAccumulateType((x).scalar_type(), true),                      \
+           op, "argument '" #t "' must be a contiguous tensor of shape " shape_name " = ",              \
+           at::IntArrayRef(__VA_ARGS__), " and dtype ", at::toAccumulateType((x).scalar_type(), true), \
+           " on x's device ", (x).device(), ", got ", (t).sizes(), " ", (t).scalar_type(), " on ", (t).device())
+// Per-(n, c) statistics, (N, C).
+#define AK_CHECK_STAT(op, t, x) AK_CHECK_STAT_SHAPE(op, t, x, "(N, C)", {(x).size(0), (x).size(1)})
+// Per-pixel statistics, (N, H*W).
+#define AK_CHECK_PIXEL_STAT(op, t, x) \
+  AK_CHECK_STAT_SHAPE(op, t, x, "(N, H*W)", {(x).size(0), (x).size(2) * (x).size(3)})
 
 // An activation argument: a 4-D floating CUDA tensor with something to pool over.
 #define check_activation(op, x)                                                                    \
   do {                                                                                             \
-    AK_CHECK_CUDA(op, x);                                                                          \
+    AK_CHECK_DEVICE(op, x);                                                                        \
     AK_CHECK_NCHW(op, x);                                                                          \
     AK_CHECK_FLOAT(op, x);                                                                         \
     AK_CHECK((x).numel() == 0 || (x).size(2) * (x).size(3) > 0, op, "argument '" #x                \
@@ -71,9 +81,79 @@ inline Layout layout_of(const char* op, const at::Tensor& t, const char* name) {
   return Layout::kNCHW;
 }
 
-inline int num_sms() {
-  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+#ifdef AK_EMULATION
+constexpr const char* kKernelDevice = "CPU (the CUDA emulation build)";
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+inline int num_sms() { return ak_emu::kSmCount; }
+struct DeviceGuard {
+  explicit DeviceGuard(const at::Device&) {}
+};
+template <typename T>
+using dev_ptr = ak_emu::CheckedPtr<T>;
+using ak_emu::load_pack;
+using ak_emu::store_pack;
+#define AK_SHARED(T, name, count)             \
+  static const char ak_shared_key_##name = 0; \
+  const auto name = ::ak_emu::static_shared_array<T>(&ak_shared_key_##name, (count), #name)
+#define AK_DYNAMIC_SHARED(T, name) const auto name = ::ak_emu::dynamic_shared_array<T>(#name)
+#else
+constexpr const char* kKernelDevice = "CUDA";
+inline bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+inline int num_sms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+using DeviceGuard = c10::cuda::CUDAGuard;
+template <typename T>
+using dev_ptr = T* __restrict__;
+template <typename P, typename T>
+__device__ __forceinline__ P load_pack(const T* p, int64_t i) {
+  return *reinterpret_cast<const P*>(p + i);
 }
+template <typename P, typename T>
+__device__ __forceinline__ void store_pack(T* p, int64_t i, const P& v) {
+  *reinterpret_cast<P*>(p + i) = v;
+}
+#define AK_SHARED(T, name, count) __shared__ T name[count]
+#define AK_DYNAMIC_SHARED(T, name)                              \
+  extern __shared__ __align__(16) unsigned char ak_dynamic_shared[]; \
+  T* name = reinterpret_cast<T*>(ak_dynamic_shared)
+#endif
+
+// The pointer to t's data that a kernel receives (null for an absent optional tensor).
+template <typename T>
+dev_ptr<T> device_ptr(const at::Tensor* t, const char* name) {
+  if (t == nullptr) return nullptr;
+  T* data = t->data_ptr<std::remove_const_t<T>>();
+#ifdef AK_EMULATION
+  int64_t extent = t->numel() == 0 ? 0 : 1;  // from the first element to the last
+  for (int64_t d = 0; d < t->dim() && extent; ++d) extent += (t->size(d) - 1) * t->stride(d);
+  return dev_ptr<T>(data, extent, name);
+#else
+  (void)name;
+  return data;
+#endif
+}
+template <typename T>
+dev_ptr<T> device_ptr(const at::Tensor& t, const char* name) {
+  return device_ptr<T>(&t, name);
+}
+
+// Launches kKernel on the current stream (or under the emulation), failing loudly on an
+// invalid launch. Grid sizes are computed in int64 and must fit CUDA's unsigned dimensions.
+template <auto kKernel, typename... Args>
+void launch(const char* op, int64_t grid_x, int64_t grid_y, dim3 block, size_t shared_bytes, Args&&... args) {
+  AK_CHECK(grid_x <= std::numeric_limits<unsigned>::max() && grid_y <= std::numeric_limits<unsigned>::max(), op,
+           "a grid of (", grid_x, ", ", grid_y, ") blocks is more than CUDA can launch");
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(grid_y));
+#ifdef AK_EMULATION
+  ak_emu::launch_kernel<kKernel>(grid, block, shared_bytes, std::forward<Args>(args)...);
+#else
+  kKernel<<<grid, block, shared_bytes, at::cuda::getCurrentCUDAStream()>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+// A kernel as a value, for generic code that launches one of several: launch<decltype(k)::value>.
+template <auto kKernel>
+using Kernel = std::integral_constant<decltype(kKernel), kKernel>;
 
 // Elementwise kernels: 256 threads, a grid-stride loop over `packs` packs, at most 32 blocks per SM.
 constexpr int kElementwiseThreads = 256;
@@ -82,8 +162,14 @@ inline int64_t elementwise_blocks(int64_t packs) {
   return std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(num_sms()) * 32));
 }
 
-// Whether a pointer can be read with 16-byte vector instructions.
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+// Whether a tensor's data can be read with 16-byte vector instructions.
+inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// The larger of a and b, NaN if either is NaN, as torch.amax (CUDA's max and fmaxf drop a NaN).
+template <typename T>
+__device__ __forceinline__ T max_nan(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
@@ -95,7 +181,7 @@ __device__ __forceinline__ T warp_sum(T v) {
 template <typename T>
 __device__ __forceinline__ T warp_max(T v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 

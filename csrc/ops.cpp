@@ -1,17 +1,20 @@
-// Schemas of the compiled primitives. The CUDA implementations register themselves in the .cu
-// files; Python reaches them as torch.ops.attn_kernels_cuda.<name>.
+// Schemas of the compiled primitives. The implementations register themselves in the .cu files;
+// Python reaches them as torch.ops.attn_kernels_cuda.<name> (or attn_kernels_emulated, see
+// library.h).
 #include <Python.h>
 #include <torch/library.h>
 
-// `import attn_kernels._C` loads this library, which runs the registrations below.
+#include "library.h"
+
+// `import attn_kernels._C` (or `._emulated`) loads this library, which runs the registrations below.
 extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+PyObject* AK_MODULE_INIT(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, AK_MODULE_NAME, nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }
 
-TORCH_LIBRARY(attn_kernels_cuda, m) {
+AK_TORCH_LIBRARY(AK_LIBRARY, m) {
   // Mean (and max, when with_max) of x over H*W per (n, c), in float32 (float64 for float64 x).
   m.def("channel_pool(Tensor x, bool with_max) -> (Tensor mean, Tensor max)");
   // Sum over H*W of dy*x per (n, c); how many elements of x equal xmax[n, c] when given; the sum

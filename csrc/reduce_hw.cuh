@@ -27,13 +27,13 @@ constexpr bool reads_b(Reduce mode) { return mode == Reduce::kGrad || mode == Re
 // Whether a mode with a second result compares with a per-(n, c) max.
 constexpr bool compares_max(Reduce mode) { return mode == Reduce::kGrad || mode == Reduce::kPoolGrad; }
 
-// Per-pixel (N, H*W) and per-channel (N, C) inputs of kPoolGrad; null otherwise.
+// Per-pixel (N, H*W) and per-channel (N, C) inputs of kPoolGrad (pmean, pmax, smax, ca); null otherwise.
 template <typename acc_t>
 struct PixelTerms {
-  const acc_t* pmean = nullptr;
-  const acc_t* pmax = nullptr;
-  const acc_t* smax = nullptr;
-  const acc_t* ca = nullptr;
+  dev_ptr<const acc_t> pmean = nullptr;
+  dev_ptr<const acc_t> pmax = nullptr;
+  dev_ptr<const acc_t> smax = nullptr;
+  dev_ptr<const acc_t> ca = nullptr;
 };
 
 template <Reduce kMode, bool kSecond, typename acc_t>
@@ -44,7 +44,7 @@ struct Accumulator {
   acc_t ca;    // kPoolGrad: the channel gate of this (n, c)
   PixelTerms<acc_t> pixel;  // kPoolGrad: offset to sample n
 
-  __device__ __forceinline__ void init(const acc_t* xmax_nc, const PixelTerms<acc_t>& terms, int64_t n,
+  __device__ __forceinline__ void init(dev_ptr<const acc_t> xmax_nc, const PixelTerms<acc_t>& terms, int64_t n,
                                        int64_t nc, int64_t HW) {
     first = 0;
     second = kMode == Reduce::kPool ? acc_t(-INFINITY) : acc_t(0);
@@ -57,7 +57,7 @@ struct Accumulator {
   __device__ __forceinline__ void add(acc_t a, acc_t b, int64_t hw) {
     if constexpr (kMode == Reduce::kPool) {
       first += a;
-      if constexpr (kSecond) second = max(second, a);
+      if constexpr (kSecond) second = max_nan(second, a);
     } else if constexpr (kMode == Reduce::kGrad) {
       first += a * b;
       if constexpr (kSecond) second += (b == xmax) ? acc_t(1) : acc_t(0);
@@ -72,7 +72,7 @@ struct Accumulator {
   __device__ __forceinline__ void merge(acc_t other_first, acc_t other_second) {
     first += other_first;
     if constexpr (kSecond) {
-      second = kMode == Reduce::kPool ? max(second, other_second) : second + other_second;
+      second = kMode == Reduce::kPool ? max_nan(second, other_second) : second + other_second;
     }
   }
   __device__ __forceinline__ void warp_reduce() {
@@ -83,9 +83,9 @@ struct Accumulator {
 
 // NCHW: one warp per (row = n*C + c, split); the row's H*W elements are contiguous.
 template <Reduce kMode, bool kSecond, typename scalar_t, typename acc_t>
-__global__ void reduce_nchw_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
-                                   const acc_t* __restrict__ xmax, PixelTerms<acc_t> terms,
-                                   acc_t* __restrict__ part_first, acc_t* __restrict__ part_second,
+__global__ void reduce_nchw_kernel(dev_ptr<const scalar_t> a, dev_ptr<const scalar_t> b,
+                                   dev_ptr<const acc_t> xmax, PixelTerms<acc_t> terms,
+                                   dev_ptr<acc_t> part_first, dev_ptr<acc_t> part_second,
                                    int64_t rows, int64_t C, int64_t cols, int64_t cols_per_split,
                                    int64_t splits) {
   const int64_t task = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
@@ -95,8 +95,8 @@ __global__ void reduce_nchw_kernel(const scalar_t* __restrict__ a, const scalar_
   const int64_t split = task - row * splits;
   const int64_t begin = split * cols_per_split;
   const int64_t end = min(cols, begin + cols_per_split);
-  const scalar_t* a_row = a + row * cols;
-  const scalar_t* b_row = reads_b(kMode) ? b + row * cols : a_row;
+  const auto a_row = a + row * cols;
+  const auto b_row = reads_b(kMode) ? b + row * cols : a_row;
 
   Accumulator<kMode, kSecond, acc_t> acc;
   acc.init(xmax, terms, row / C, row, cols);
@@ -123,9 +123,9 @@ __global__ void reduce_nchw_kernel(const scalar_t* __restrict__ a, const scalar_
 // NHWC: a block of kTileC channels x kTileHW pixel lanes per (n, channel tile, split); a warp
 // reads kTileC consecutive channels of one pixel.
 template <Reduce kMode, bool kSecond, typename scalar_t, typename acc_t>
-__global__ void reduce_nhwc_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
-                                   const acc_t* __restrict__ xmax, PixelTerms<acc_t> terms,
-                                   acc_t* __restrict__ part_first, acc_t* __restrict__ part_second,
+__global__ void reduce_nhwc_kernel(dev_ptr<const scalar_t> a, dev_ptr<const scalar_t> b,
+                                   dev_ptr<const acc_t> xmax, PixelTerms<acc_t> terms,
+                                   dev_ptr<acc_t> part_first, dev_ptr<acc_t> part_second,
                                    int64_t N, int64_t C, int64_t HW, int64_t hw_per_split, int64_t splits) {
   const int64_t c_tiles = (C + kTileC - 1) / kTileC;
   int64_t block = blockIdx.x;
@@ -140,19 +140,20 @@ __global__ void reduce_nhwc_kernel(const scalar_t* __restrict__ a, const scalar_
   Accumulator<kMode, kSecond, acc_t> acc;
   acc.init(xmax, terms, n, n * C + (c < C ? c : 0), HW);
   if (c < C) {
-    const scalar_t* a_col = a + n * HW * C + c;
-    const scalar_t* b_col = reads_b(kMode) ? b + n * HW * C + c : a_col;
+    const auto a_col = a + n * HW * C + c;
+    const auto b_col = reads_b(kMode) ? b + n * HW * C + c : a_col;
     for (int64_t hw = begin + threadIdx.y; hw < end; hw += kTileHW)
       acc.add(static_cast<acc_t>(a_col[hw * C]), static_cast<acc_t>(b_col[hw * C]), hw);
   }
-  __shared__ acc_t tile_first[kTileHW][kTileC];
-  __shared__ acc_t tile_second[kTileHW][kTileC];
-  tile_first[threadIdx.y][threadIdx.x] = acc.first;
-  tile_second[threadIdx.y][threadIdx.x] = acc.second;
+  // [kTileHW][kTileC]: each pixel lane's partials, merged by lane 0 in a fixed order.
+  AK_SHARED(acc_t, tile_first, kTileHW * kTileC);
+  AK_SHARED(acc_t, tile_second, kTileHW * kTileC);
+  tile_first[threadIdx.y * kTileC + threadIdx.x] = acc.first;
+  tile_second[threadIdx.y * kTileC + threadIdx.x] = acc.second;
   __syncthreads();
   if (threadIdx.y == 0 && c < C) {
 #pragma unroll
-    for (int r = 1; r < kTileHW; ++r) acc.merge(tile_first[r][threadIdx.x], tile_second[r][threadIdx.x]);
+    for (int r = 1; r < kTileHW; ++r) acc.merge(tile_first[r * kTileC + threadIdx.x], tile_second[r * kTileC + threadIdx.x]);
     part_first[split * N * C + n * C + c] = acc.first;
     if constexpr (kSecond) part_second[split * N * C + n * C + c] = acc.second;
   }
@@ -168,7 +169,6 @@ std::tuple<at::Tensor, at::Tensor> reduce_pass(const at::Tensor& a, const at::Te
   const auto acc_dtype = at::toAccumulateType(a.scalar_type(), true);
   const auto stat_options = a.options().dtype(acc_dtype);
   const int sms = num_sms();
-  const auto stream = at::cuda::getCurrentCUDAStream();
 
   int64_t splits, per_split;
   if (layout == Layout::kNCHW) {
@@ -188,27 +188,26 @@ std::tuple<at::Tensor, at::Tensor> reduce_pass(const at::Tensor& a, const at::Te
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "reduce_pass", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const auto* a_ptr = a.data_ptr<scalar_t>();
-    const auto* b_ptr = reads_b(kMode) ? b.data_ptr<scalar_t>() : nullptr;
-    const auto* xmax_ptr = compares_max(kMode) && kSecond ? xmax.data_ptr<acc_t>() : nullptr;
+    const auto a_ptr = device_ptr<const scalar_t>(a, "a");
+    const auto b_ptr = device_ptr<const scalar_t>(reads_b(kMode) ? &b : nullptr, "b");
+    const auto xmax_ptr = device_ptr<const acc_t>(compares_max(kMode) && kSecond ? &xmax : nullptr, "xmax");
     PixelTerms<acc_t> terms;
-    if constexpr (kMode == Reduce::kPoolGrad) {  // pmean, pmax, smax, ca
-      terms = {pixel_terms[0].data_ptr<acc_t>(), pixel_terms[1].data_ptr<acc_t>(),
-               pixel_terms[2].data_ptr<acc_t>(), pixel_terms[3].data_ptr<acc_t>()};
+    if constexpr (kMode == Reduce::kPoolGrad) {
+      terms = {device_ptr<const acc_t>(pixel_terms[0], "pmean"), device_ptr<const acc_t>(pixel_terms[1], "pmax"),
+               device_ptr<const acc_t>(pixel_terms[2], "smax"), device_ptr<const acc_t>(pixel_terms[3], "ca")};
     }
-    auto* first_ptr = part_first.data_ptr<acc_t>();
-    auto* second_ptr = kSecond ? part_second.data_ptr<acc_t>() : nullptr;
+    const auto first_ptr = device_ptr<acc_t>(part_first, "part_first");
+    const auto second_ptr = device_ptr<acc_t>(kSecond ? &part_second : nullptr, "part_second");
     if (layout == Layout::kNCHW) {
       const int64_t tasks = N * C * splits;
-      const int64_t blocks = (tasks + kWarpsPerBlock - 1) / kWarpsPerBlock;
-      reduce_nchw_kernel<kMode, kSecond, scalar_t, acc_t><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
-          a_ptr, b_ptr, xmax_ptr, terms, first_ptr, second_ptr, N * C, C, HW, per_split, splits);
+      launch<reduce_nchw_kernel<kMode, kSecond, scalar_t, acc_t>>(
+          "reduce_pass", (tasks + kWarpsPerBlock - 1) / kWarpsPerBlock, 1, kWarpsPerBlock * 32, 0, a_ptr, b_ptr,
+          xmax_ptr, terms, first_ptr, second_ptr, N * C, C, HW, per_split, splits);
     } else {
-      const int64_t blocks = N * ((C + kTileC - 1) / kTileC) * splits;
-      reduce_nhwc_kernel<kMode, kSecond, scalar_t, acc_t><<<blocks, dim3(kTileC, kTileHW), 0, stream>>>(
-          a_ptr, b_ptr, xmax_ptr, terms, first_ptr, second_ptr, N, C, HW, per_split, splits);
+      launch<reduce_nhwc_kernel<kMode, kSecond, scalar_t, acc_t>>(
+          "reduce_pass", N * ((C + kTileC - 1) / kTileC) * splits, 1, dim3(kTileC, kTileHW), 0, a_ptr, b_ptr,
+          xmax_ptr, terms, first_ptr, second_ptr, N, C, HW, per_split, splits);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 
   if (splits == 1) return {part_first[0], kSecond ? part_second[0] : part_second};

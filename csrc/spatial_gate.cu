@@ -21,9 +21,10 @@ namespace {
 constexpr int kPixelsPerWarp = 16;  // NHWC reductions over C: pixels a warp walks per channel chunk
 
 // Folds (max, ties) of another partial into this one.
+// NaN wins, as in torch.amax; a NaN max has no ties (x == NaN never holds).
 template <typename acc_t>
 __device__ __forceinline__ void merge_max(acc_t& m, acc_t& ties, acc_t other_m, acc_t other_ties) {
-  if (other_m > m) {
+  if (other_m > m || (other_m != other_m && m == m)) {
     m = other_m;
     ties = other_ties;
   } else if (other_m == m) {
@@ -46,11 +47,10 @@ __device__ __forceinline__ void warp_merge_max(acc_t& m, acc_t& ties) {
 // kGrad=true (a = dy, b = x): first = sum_c dy*u and, with kHasCa, each warp's share of
 // sum_hw dy*x*sa per channel into dca_part[n, warp tile, c].
 template <bool kGrad, bool kHasCa, typename scalar_t, typename acc_t>
-__global__ void spatial_reduce_nchw_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
-                                           const acc_t* __restrict__ ca, const acc_t* __restrict__ sa,
-                                           acc_t* __restrict__ first, acc_t* __restrict__ xmax,
-                                           acc_t* __restrict__ ties, acc_t* __restrict__ dca_part, int64_t N,
-                                           int64_t C, int64_t HW) {
+__global__ void spatial_reduce_nchw_kernel(dev_ptr<const scalar_t> a, dev_ptr<const scalar_t> b,
+                                           dev_ptr<const acc_t> ca, dev_ptr<const acc_t> sa, dev_ptr<acc_t> first,
+                                           dev_ptr<acc_t> xmax, dev_ptr<acc_t> ties, dev_ptr<acc_t> dca_part,
+                                           int64_t N, int64_t C, int64_t HW) {
   const int64_t tiles = (HW + 31) / 32;
   const int64_t warp = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (warp >= N * tiles) return;  // whole warps leave together
@@ -93,11 +93,10 @@ __global__ void spatial_reduce_nchw_kernel(const scalar_t* __restrict__ a, const
 // 32 channels at a time (a coalesced read of each pixel's channels), each lane keeping per-pixel
 // partials that are reduced across the warp at the end. Same outputs as the NCHW kernel.
 template <bool kGrad, bool kHasCa, typename scalar_t, typename acc_t>
-__global__ void spatial_reduce_nhwc_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
-                                           const acc_t* __restrict__ ca, const acc_t* __restrict__ sa,
-                                           acc_t* __restrict__ first, acc_t* __restrict__ xmax,
-                                           acc_t* __restrict__ ties, acc_t* __restrict__ dca_part, int64_t N,
-                                           int64_t C, int64_t HW) {
+__global__ void spatial_reduce_nhwc_kernel(dev_ptr<const scalar_t> a, dev_ptr<const scalar_t> b,
+                                           dev_ptr<const acc_t> ca, dev_ptr<const acc_t> sa, dev_ptr<acc_t> first,
+                                           dev_ptr<acc_t> xmax, dev_ptr<acc_t> ties, dev_ptr<acc_t> dca_part,
+                                           int64_t N, int64_t C, int64_t HW) {
   const int64_t tiles = (HW + kPixelsPerWarp - 1) / kPixelsPerWarp;
   const int64_t warp = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (warp >= N * tiles) return;  // whole warps leave together
@@ -166,33 +165,30 @@ std::vector<at::Tensor> spatial_reduce(const at::Tensor& a, const at::Tensor& b,
   at::Tensor ties = kGrad ? at::Tensor() : at::empty({N, HW}, options);
   at::Tensor dca_part = kGrad && ca ? at::empty({N, tiles, C}, options) : at::Tensor();
   const int64_t blocks = (N * tiles + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto defined = [](const at::Tensor& t) { return t.defined() ? &t : nullptr; };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "spatial_reduce", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    const auto* a_ptr = a.data_ptr<scalar_t>();
-    const auto* b_ptr = kGrad ? b.data_ptr<scalar_t>() : nullptr;
-    const acc_t* ca_ptr = ca ? ca->data_ptr<acc_t>() : nullptr;
-    const acc_t* sa_ptr = sa ? sa->data_ptr<acc_t>() : nullptr;
-    acc_t* first_ptr = first.data_ptr<acc_t>();
-    acc_t* max_ptr = kGrad ? nullptr : xmax.data_ptr<acc_t>();
-    acc_t* ties_ptr = kGrad ? nullptr : ties.data_ptr<acc_t>();
-    acc_t* part_ptr = dca_part.defined() ? dca_part.data_ptr<acc_t>() : nullptr;
-    const auto launch = [&](auto has_ca) {
+    const auto run = [&](auto kernel) {
+      launch<decltype(kernel)::value>(
+          "spatial_reduce", blocks, 1, kWarpsPerBlock * 32, 0, device_ptr<const scalar_t>(a, kGrad ? "dy" : "x"),
+          device_ptr<const scalar_t>(kGrad ? &b : nullptr, "x"), device_ptr<const acc_t>(ca, "ca"),
+          device_ptr<const acc_t>(sa, "sa"), device_ptr<acc_t>(first, "first"),
+          device_ptr<acc_t>(defined(xmax), "max"), device_ptr<acc_t>(defined(ties), "ties"),
+          device_ptr<acc_t>(defined(dca_part), "dca_part"), N, C, HW);
+    };
+    const auto run_layout = [&](auto has_ca) {
       constexpr bool kHasCa = decltype(has_ca)::value;
       if (layout == Layout::kNCHW) {
-        spatial_reduce_nchw_kernel<kGrad, kHasCa, scalar_t, acc_t><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
-            a_ptr, b_ptr, ca_ptr, sa_ptr, first_ptr, max_ptr, ties_ptr, part_ptr, N, C, HW);
+        run(Kernel<spatial_reduce_nchw_kernel<kGrad, kHasCa, scalar_t, acc_t>>{});
       } else {
-        spatial_reduce_nhwc_kernel<kGrad, kHasCa, scalar_t, acc_t><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
-            a_ptr, b_ptr, ca_ptr, sa_ptr, first_ptr, max_ptr, ties_ptr, part_ptr, N, C, HW);
+        run(Kernel<spatial_reduce_nhwc_kernel<kGrad, kHasCa, scalar_t, acc_t>>{});
       }
     };
     if (ca) {
-      launch(std::true_type{});
+      run_layout(std::true_type{});
     } else {
-      launch(std::false_type{});
+      run_layout(std::false_type{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   if (kGrad) return {first, dca_part.defined() ? dca_part.sum(1) : at::empty({0}, options)};
   return {first, xmax, ties};
@@ -201,12 +197,11 @@ std::vector<at::Tensor> spatial_reduce(const at::Tensor& a, const at::Tensor& b,
 // out = ca*(a*sa + pmean + (u == smax)*pmax) + cbias + (x == cmax)*ctie, VEC elements a time;
 // VEC divides the contiguous dimension, so a pack has one channel (NCHW) or one pixel (NHWC).
 template <typename scalar_t, typename acc_t, int VEC, bool kHasCa, bool kSpatialGrad, bool kChannelGrad>
-__global__ void spatial_apply_kernel(const scalar_t* __restrict__ a, const acc_t* __restrict__ ca,
-                                     const acc_t* __restrict__ sa, const scalar_t* __restrict__ x,
-                                     const acc_t* __restrict__ smax, const acc_t* __restrict__ pmean,
-                                     const acc_t* __restrict__ pmax, const acc_t* __restrict__ cbias,
-                                     const acc_t* __restrict__ cmax, const acc_t* __restrict__ ctie,
-                                     scalar_t* __restrict__ out, int64_t numel, int64_t C, int64_t HW, bool nhwc) {
+__global__ void spatial_apply_kernel(dev_ptr<const scalar_t> a, dev_ptr<const acc_t> ca, dev_ptr<const acc_t> sa,
+                                     dev_ptr<const scalar_t> x, dev_ptr<const acc_t> smax,
+                                     dev_ptr<const acc_t> pmean, dev_ptr<const acc_t> pmax,
+                                     dev_ptr<const acc_t> cbias, dev_ptr<const acc_t> cmax, dev_ptr<const acc_t> ctie,
+                                     dev_ptr<scalar_t> out, int64_t numel, int64_t C, int64_t HW, bool nhwc) {
   using P = Pack<scalar_t, VEC>;
   const int64_t packs = numel / VEC;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
@@ -222,9 +217,9 @@ __global__ void spatial_apply_kernel(const scalar_t* __restrict__ a, const acc_t
       const int64_t n = channel / C;
       pixel = n * HW + (i - channel * HW);
     }
-    const P pa = *reinterpret_cast<const P*>(a + i);
+    const P pa = load_pack<P>(a, i);
     P px;
-    if constexpr (kSpatialGrad) px = *reinterpret_cast<const P*>(x + i);
+    if constexpr (kSpatialGrad) px = load_pack<P>(x, i);
     P po;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
@@ -242,7 +237,7 @@ __global__ void spatial_apply_kernel(const scalar_t* __restrict__ a, const acc_t
       }
       po.v[k] = static_cast<scalar_t>(r);
     }
-    *reinterpret_cast<P*>(out + i) = po;
+    store_pack(out, i, po);
   }
 }
 
@@ -262,31 +257,27 @@ void launch_spatial_apply(const at::Tensor& a, const at::Tensor& sa, const Apply
                           Layout layout) {
   const int64_t numel = a.numel(), C = a.size(1), HW = a.size(2) * a.size(3);
   const int64_t contiguous_dim = layout == Layout::kNHWC ? C : HW;
-  const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "spatial_gate_apply", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     constexpr int kVec = 16 / sizeof(scalar_t);
-    const auto stat = [](const at::Tensor* t) { return t ? t->data_ptr<acc_t>() : nullptr; };
-    const auto* a_ptr = a.data_ptr<scalar_t>();
-    const auto* x_ptr = kSpatialGrad ? args.x->data_ptr<scalar_t>() : nullptr;
-    auto* out_ptr = out.data_ptr<scalar_t>();
     const bool vectorize =
-        contiguous_dim % kVec == 0 && aligned16(a_ptr) && aligned16(out_ptr) && (!kSpatialGrad || aligned16(x_ptr));
-    const int64_t blocks = elementwise_blocks(numel / (vectorize ? kVec : 1));
-    const int threads = kElementwiseThreads;
-    const bool nhwc = layout == Layout::kNHWC;
-    const auto launch = [&](auto vec) {
-      spatial_apply_kernel<scalar_t, acc_t, decltype(vec)::value, kHasCa, kSpatialGrad, kChannelGrad>
-          <<<blocks, threads, 0, stream>>>(a_ptr, stat(args.ca), sa.data_ptr<acc_t>(), x_ptr, stat(args.smax),
-                                           stat(args.pmean), stat(args.pmax), stat(args.cbias), stat(args.cmax),
-                                           stat(args.ctie), out_ptr, numel, C, HW, nhwc);
+        contiguous_dim % kVec == 0 && aligned16(a) && aligned16(out) && (!kSpatialGrad || aligned16(*args.x));
+    const auto run = [&](auto vec) {
+      constexpr int kPack = decltype(vec)::value;
+      launch<spatial_apply_kernel<scalar_t, acc_t, kPack, kHasCa, kSpatialGrad, kChannelGrad>>(
+          "spatial_gate_apply", elementwise_blocks(numel / kPack), 1, kElementwiseThreads, 0,
+          device_ptr<const scalar_t>(a, "a"), device_ptr<const acc_t>(args.ca, "ca"),
+          device_ptr<const acc_t>(sa, "sa"), device_ptr<const scalar_t>(args.x, "x"),
+          device_ptr<const acc_t>(args.smax, "smax"), device_ptr<const acc_t>(args.pmean, "pmean"),
+          device_ptr<const acc_t>(args.pmax, "pmax"), device_ptr<const acc_t>(args.cbias, "cbias"),
+          device_ptr<const acc_t>(args.cmax, "cmax"), device_ptr<const acc_t>(args.ctie, "ctie"),
+          device_ptr<scalar_t>(out, "out"), numel, C, HW, layout == Layout::kNHWC);
     };
     if (vectorize) {
-      launch(std::integral_constant<int, kVec>{});
+      run(std::integral_constant<int, kVec>{});
     } else {
-      launch(std::integral_constant<int, 1>{});
+      run(std::integral_constant<int, 1>{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -299,7 +290,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> spatial_pool(const at::Tensor& x,
   check_activation(op, x);
   const Layout layout = layout_of(op, x, "x");
   if (ca.has_value()) AK_CHECK_STAT(op, (*ca), x);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   if (x.numel() == 0) {
     const auto options = x.options().dtype(at::toAccumulateType(x.scalar_type(), true));
     const int64_t HW = x.size(2) * x.size(3);
@@ -319,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_grad_reduce(const at::Tensor& dy, con
   AK_CHECK(layout_of(op, dy, "dy") == layout, op, "argument 'dy' must have the same memory format as 'x'");
   if (ca.has_value()) AK_CHECK_STAT(op, (*ca), x);
   AK_CHECK_PIXEL_STAT(op, sa, x);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   if (x.numel() == 0) {
     const auto options = x.options().dtype(at::toAccumulateType(x.scalar_type(), true));
     return {at::zeros({x.size(0), x.size(2) * x.size(3)}, options),
@@ -340,7 +331,7 @@ std::tuple<at::Tensor, at::Tensor> spatial_pool_grad_reduce(const at::Tensor& x,
   AK_CHECK_PIXEL_STAT(op, smax, x);
   AK_CHECK_PIXEL_STAT(op, pmean, x);
   AK_CHECK_PIXEL_STAT(op, pmax, x);
-  const c10::cuda::CUDAGuard guard(x.device());
+  const DeviceGuard guard(x.device());
   if (x.numel() == 0) {
     const auto options = x.options().dtype(at::toAccumulateType(x.scalar_type(), true));
     return {at::zeros({x.size(0), x.size(1)}, options), at::zeros({x.size(0), x.size(1)}, options)};
@@ -377,7 +368,7 @@ at::Tensor spatial_gate_apply(const at::Tensor& a, const c10::optional<at::Tenso
     AK_CHECK_STAT(op, (*cmax), a);
     AK_CHECK_STAT(op, (*ctie), a);
   }
-  const c10::cuda::CUDAGuard guard(a.device());
+  const DeviceGuard guard(a.device());
   at::Tensor out = at::empty_like(a);  // a's exact strides, as the op's fake implementation promises
   if (a.numel() == 0) return out;
   const ApplyArgs args{ptr(ca), ptr(x), ptr(smax), ptr(pmean), ptr(pmax), ptr(cbias), ptr(cmax), ptr(ctie)};
@@ -397,7 +388,7 @@ at::Tensor spatial_gate_apply(const at::Tensor& a, const c10::optional<at::Tenso
   return out;
 }
 
-TORCH_LIBRARY_IMPL(attn_kernels_cuda, CUDA, m) {
+AK_LIBRARY_IMPL(AK_LIBRARY, AK_DISPATCH_KEY, m) {
   m.impl("spatial_pool", &spatial_pool);
   m.impl("spatial_grad_reduce", &spatial_grad_reduce);
   m.impl("spatial_pool_grad_reduce", &spatial_pool_grad_reduce);

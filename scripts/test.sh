@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command from a fresh clone to a tested install: creates .venv, installs the pinned CUDA build
 # of torch with triton and timm, builds attn_kernels with its CUDA extension (no GPU needed to
-# compile), and runs the test suite. Extra arguments go to pytest.
+# compile) and, without a GPU, the CPU emulation of the CUDA kernels, and runs the test suite; without a GPU, it then compiles the Triton kernels for sm_90a and
+# sm_80 at every specialization the tests launched (python -m attn_kernels.kernel_report). Extra
+# arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -30,8 +32,32 @@ if [ -n "${CUDA_HOME:-}" ]; then
 else
     echo "no nvcc found: installing without the CUDA extension (its tests will be skipped)"
 fi
+if ! python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    # No GPU: the CUDA kernels' sources are also built as host C++ (attn_kernels._emulated, no nvcc
+    # needed) and the tests run them on CPU tensors under an emulation of CUDA's execution model.
+    export ATTN_KERNELS_BUILD_EMULATION=1
+fi
 python -m pip install --no-build-isolation --no-deps -v -e .  # -v: the build's steps as they run
 python -m attn_kernels.info
 
 step "tests"
-python -m pytest "$@"
+# Without a GPU the tests run the Triton kernels in Triton's interpreter, which compiles nothing:
+# tests/triton_specs.py records the specialization of each launch (as the compiled launcher would
+# build it), and the next step compiles every one of them for sm_90a and sm_80. With a GPU the
+# tests run the compiled kernels themselves.
+specs=""
+if ! python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+    specs_dir=$(mktemp -d)
+    trap 'rm -rf "$specs_dir"' EXIT
+    specs=$specs_dir/triton_specs.jsonl
+fi
+ATTN_KERNELS_TRITON_SPECS=$specs python -m pytest "$@"
+
+if [ -n "$specs" ]; then
+    step "Triton kernels compiled for sm_90a and sm_80 at every specialization the tests launched"
+    if [ -s "$specs" ]; then
+        python -m attn_kernels.kernel_report --specs "$specs"
+    else
+        echo "no Triton launch recorded (none in the selected tests): nothing to compile"
+    fi
+fi

@@ -6,11 +6,17 @@
 - `poisoned` makes every fresh allocation NaN (torch's deterministic mode fills uninitialized
   memory), so an output element a kernel forgets to write cannot pass by luck; it also turns on
   torch.use_deterministic_algorithms, which rejects nondeterministic ops.
+- `kernel_backend` runs a test on each kernel backend: on a GPU both; on CPU tensors 'triton' in
+  Triton's interpreter, and 'cuda', the CUDA kernels of csrc/ under their CPU emulation
+  (attn_kernels._emulated; scripts/test.sh builds it, and there its absence is a failure). Every
+  emulated launch runs its threads in two orders and fails unless the results agree bitwise.
 """
 import os
 
 import pytest
 import torch
+
+pytest_plugins = ["triton_specs"]  # ATTN_KERNELS_TRITON_SPECS=FILE records the Triton launches
 
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
@@ -25,6 +31,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def kernel_backend(request):
+    return request.param if HAS_GPU else require_cpu_backend(request.param)
+
+
+def require_cpu_backend(backend: str) -> str:
+    """`backend`, if it runs on CPU tensors here; otherwise skip (or fail, where the test script
+    built the CUDA emulation and asked for it with ATTN_KERNELS_BUILD_EMULATION=1)."""
+    from attn_kernels import backends
+
+    why = backends.unavailable_reason(backend, torch.empty(1, 1, 1, 1))
+    if why is not None:
+        if backend == "cuda" and os.environ.get("ATTN_KERNELS_BUILD_EMULATION") == "1":
+            pytest.fail(f"ATTN_KERNELS_BUILD_EMULATION=1 but {why}")
+        pytest.skip(why)
+    return backend
 
 
 @pytest.fixture

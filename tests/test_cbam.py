@@ -68,22 +68,22 @@ def test_state_dict_loads_both_ways(block, kwargs):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: s[0])
 @pytest.mark.parametrize("block", BLOCKS)
-def test_triton_interpreted_matches_reference(block, sample, layout, train, poisoned):
+def test_kernel_matches_reference(block, sample, layout, train, poisoned, kernel_backend):
     _, shape, kind = sample
-    check_kernel_against_reference("triton", make_x(shape, layout=layout, kind=kind), block, train=train)
+    check_kernel_against_reference(kernel_backend, make_x(shape, layout=layout, kind=kind), block, train=train)
 
 
 @interpreted_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
-def test_triton_interpreted_dtypes(dtype, poisoned):
+def test_kernel_dtypes(dtype, poisoned, kernel_backend):
     for layout in LAYOUTS:
-        check_kernel_against_reference("triton", make_x((2, 24, 5, 7), dtype, layout=layout, kind="relu"), "cbam",
+        check_kernel_against_reference(kernel_backend, make_x((2, 24, 5, 7), dtype, layout=layout, kind="relu"), "cbam",
                                        {"rd_ratio": 0.25})
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channel", [True, False], ids=["cbam", "spatial"])
-def test_gradcheck_float64(channel, train):
+def test_gradcheck_float64(channel, train, kernel_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dd = {"dtype": torch.float64, "device": device}
     torch.manual_seed(0)
@@ -100,10 +100,9 @@ def test_gradcheck_float64(channel, train):
         rm, rv = stats[0].clone(), stats[1].clone()
         return F.cbam(x, *fc, conv, rm, rv, bn_w, bn_b, bn_training=train, act="silu")
 
-    for backend in ["triton"] + (["cuda"] if torch.cuda.is_available() else []):
-        with attn_kernels.use_backend(backend):
-            assert F.cbam_dispatch(x, conv, *stats, bn_w, bn_b, bn_training=train).backend == backend
-            assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
+    with attn_kernels.use_backend(kernel_backend):
+        assert F.cbam_dispatch(x, conv, *stats, bn_w, bn_b, bn_training=train).backend == kernel_backend
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
 
 
 def op_args(backend, channel, train, device):
@@ -117,17 +116,16 @@ def op_args(backend, channel, train, device):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("channel", [True, False], ids=["cbam", "spatial"])
-def test_opcheck(channel, train):
+def test_opcheck(channel, train, kernel_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for backend in ["triton"] + (["cuda"] if torch.cuda.is_available() else []):
-        x, fc, spatial, config = op_args(backend, channel, train, device)
-        grads = [t.requires_grad_() if t is not None else None for t in [x, *fc, *spatial[:3]]]
-        torch.library.opcheck(cbam_forward, (*grads, *spatial[3:], *config))
-        # The backward op has no derivative of its own: detached inputs.
-        plain = [t.detach() if t is not None else None for t in [x, *fc, *spatial]]
-        _, *stats = cbam_forward(*plain, *config)
-        dy = torch.randn_like(x)
-        torch.library.opcheck(cbam_backward, (dy, *plain[:8], *stats, *config))
+    x, fc, spatial, config = op_args(kernel_backend, channel, train, device)
+    grads = [t.requires_grad_() if t is not None else None for t in [x, *fc, *spatial[:3]]]
+    torch.library.opcheck(cbam_forward, (*grads, *spatial[3:], *config))
+    # The backward op has no derivative of its own: detached inputs.
+    plain = [t.detach() if t is not None else None for t in [x, *fc, *spatial]]
+    _, *stats = cbam_forward(*plain, *config)
+    dy = torch.randn_like(x)
+    torch.library.opcheck(cbam_backward, (dy, *plain[:8], *stats, *config))
 
 
 def test_compile_fullgraph_has_no_graph_break():
@@ -137,11 +135,11 @@ def test_compile_fullgraph_has_no_graph_break():
         torch.testing.assert_close(b, c, msg=name)
 
 
-def test_saves_only_x_and_small_statistics():
+def test_saves_only_x_and_small_statistics(kernel_backend):
     """Backward keeps x plus O(N*C + N*H*W) tensors and the tiny weights: timm's CBAM keeps 2|x|."""
     x = make_x((2, 32, 8, 8)).requires_grad_()
     _, fused = pair("cbam", 32)
-    saved = saved_for_backward(fused, x, "triton")
+    saved = saved_for_backward(fused, x, kernel_backend)
     activation_sized = [t for t in saved if t.numel() >= x.numel()]
     assert len(activation_sized) == 1 and activation_sized[0].data_ptr() == x.data_ptr()
     params = sum(p.numel() for p in fused.parameters())
@@ -149,11 +147,11 @@ def test_saves_only_x_and_small_statistics():
     assert sum(t.numel() for t in saved) <= x.numel() + params + 2 * N * C + 3 * N * H * W + 2
 
 
-def test_deterministic_bitwise():
+def test_deterministic_bitwise(kernel_backend):
     x = make_x((2, 24, 9, 7), kind="relu")
     dy = make_x((2, 24, 9, 7), seed=3)
     _, fused = pair("cbam", 24)
-    first, second = run(fused, x, dy, "triton"), run(fused, x, dy, "triton")
+    first, second = run(fused, x, dy, kernel_backend), run(fused, x, dy, kernel_backend)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     grads = [k for k in first[2] if "running" not in k]  # running statistics move on each step
     assert all(torch.equal(first[2][k], second[2][k]) for k in grads)
@@ -176,7 +174,7 @@ def test_dispatch_falls_back_with_a_reason():
             spatial(single)
 
 
-def test_eval_without_running_statistics_uses_batch_statistics():
+def test_eval_without_running_statistics_uses_batch_statistics(kernel_backend):
     """As nn.BatchNorm2d: in eval with no running statistics, normalize with the batch's."""
     eager, fused = pair("cbam", 8)
     for module in (eager, fused):
@@ -187,18 +185,18 @@ def test_eval_without_running_statistics_uses_batch_statistics():
     x = make_x((2, 8, 4, 5))
     dy = make_x((2, 8, 4, 5), seed=1)
     y_e, dx_e, _ = run(eager, x, dy)
-    y_f, dx_f, _ = run(fused, x, dy, "triton")
+    y_f, dx_f, _ = run(fused, x, dy, kernel_backend)
     torch.testing.assert_close(y_f, y_e)
     torch.testing.assert_close(dx_f, dx_e)
 
 
-def test_different_gates_run_the_parts_apart():
+def test_different_gates_run_the_parts_apart(kernel_backend):
     eager, fused = pair("cbam", 8)
     fused.spatial.gate = eager.spatial.gate = torch.nn.Hardsigmoid()
     x = make_x((2, 8, 4, 5))
     dy = make_x((2, 8, 4, 5), seed=1)
     y_e, dx_e, _ = run(eager, x, dy)
-    y_f, dx_f, _ = run(fused, x, dy, "triton")
+    y_f, dx_f, _ = run(fused, x, dy, kernel_backend)
     torch.testing.assert_close(y_f, y_e)
     torch.testing.assert_close(dx_f, dx_e)
 

@@ -84,16 +84,16 @@ def test_repr():
 @interpreted_only
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: s[0])
-def test_triton_interpreted_matches_reference(sample, layout, poisoned):
+def test_kernel_matches_reference(sample, layout, poisoned, kernel_backend):
     _, block, shape, kwargs = sample
     x = make_x(shape, layout=layout)
     eager_args = () if "kernel_size" in kwargs and not kwargs.get("use_mlp") else None
     if eager_args is None:
-        check_kernel_against_reference("triton", x, block, kwargs)
+        check_kernel_against_reference(kernel_backend, x, block, kwargs)
     else:  # kernel_size as given: no channels argument
         eager, fused = pair(block, shape[1], kwargs)
         dy = make_x(shape, seed=1, layout=layout)
-        y_k, dx_k, g_k = run(fused, x, dy, "triton")
+        y_k, dx_k, g_k = run(fused, x, dy, kernel_backend)
         y_r, dx_r, g_r = run(eager.double(), x.double(), dy.double())
         torch.testing.assert_close(y_k, y_r.float())
         torch.testing.assert_close(dx_k, dx_r.float())
@@ -104,14 +104,14 @@ def test_triton_interpreted_matches_reference(sample, layout, poisoned):
 @interpreted_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("block, kwargs", [("eca", {}), ("eca", {"use_mlp": True}), ("ceca", {})], ids=str)
-def test_triton_interpreted_dtypes(block, kwargs, dtype, poisoned):
+def test_kernel_dtypes(block, kwargs, dtype, poisoned, kernel_backend):
     for layout in LAYOUTS:
-        check_kernel_against_reference("triton", make_x((2, 24, 5, 7), dtype, layout=layout), block, kwargs)
+        check_kernel_against_reference(kernel_backend, make_x((2, 24, 5, 7), dtype, layout=layout), block, kwargs)
 
 
 @pytest.mark.parametrize("mode", ["conv", "circular", "mlp"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradcheck_float64(mode, layout):
+def test_gradcheck_float64(mode, layout, kernel_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dd = {"dtype": torch.float64, "device": device}
     x = make_x((2, 7, 3, 4), torch.float64, device, layout).requires_grad_()
@@ -125,51 +125,49 @@ def test_gradcheck_float64(mode, layout):
     def f(x, *p):
         return F.eca(x, *p, circular=mode == "circular", act="silu")
 
-    for backend in ["triton"] + (["cuda"] if torch.cuda.is_available() else []):
-        with attn_kernels.use_backend(backend):
-            assert F.eca_dispatch(x).backend == backend
-            # fast_mode checks a random projection of the Jacobian: the interpreter is slow.
-            assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
+    with attn_kernels.use_backend(kernel_backend):
+        assert F.eca_dispatch(x).backend == kernel_backend
+        # fast_mode checks a random projection of the Jacobian: the interpreter is slow.
+        assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 @pytest.mark.parametrize("mix, first", [("conv", False), ("circular_conv", False), ("conv", True)], ids=str)
-def test_opcheck(mix, first):
+def test_opcheck(mix, first, kernel_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for backend in ["triton"] + (["cuda"] if torch.cuda.is_available() else []):
-        torch.manual_seed(0)
-        x = make_x((2, 8, 3, 5), device=device)
-        if first:
-            weights = [torch.randn(4, 1, 1, device=device), torch.randn(4, device=device),
-                       torch.randn(1, 4, 3, device=device), torch.randn(1, device=device)]
-        else:
-            weights = [None, None, torch.randn(1, 1, 3, device=device), None]
-        config = ("avg", mix, "relu", "sigmoid", backend)
-        grads = [t.requires_grad_() if t is not None else None for t in [x, *weights]]
-        torch.library.opcheck(channel_gate_forward, (*grads, *config))
-        plain = [t.detach() if t is not None else None for t in [x, *weights]]
-        _, mean, xmax = channel_gate_forward(*plain, *config)
-        torch.library.opcheck(channel_gate_backward, (torch.randn_like(x), *plain, mean, xmax, *config))
+    torch.manual_seed(0)
+    x = make_x((2, 8, 3, 5), device=device)
+    if first:
+        weights = [torch.randn(4, 1, 1, device=device), torch.randn(4, device=device),
+                   torch.randn(1, 4, 3, device=device), torch.randn(1, device=device)]
+    else:
+        weights = [None, None, torch.randn(1, 1, 3, device=device), None]
+    config = ("avg", mix, "relu", "sigmoid", kernel_backend)
+    grads = [t.requires_grad_() if t is not None else None for t in [x, *weights]]
+    torch.library.opcheck(channel_gate_forward, (*grads, *config))
+    plain = [t.detach() if t is not None else None for t in [x, *weights]]
+    _, mean, xmax = channel_gate_forward(*plain, *config)
+    torch.library.opcheck(channel_gate_backward, (torch.randn_like(x), *plain, mean, xmax, *config))
 
 
 def test_compile_fullgraph_has_no_graph_break():
     check_compiles_without_graph_break(make_pair("eca", 16)[1], 16)
 
 
-def test_saves_only_x_and_per_channel_statistics():
+def test_saves_only_x_and_per_channel_statistics(kernel_backend):
     x = make_x((2, 32, 8, 8)).requires_grad_()
     _, fused = make_pair("eca", 32, use_mlp=True)
-    saved = saved_for_backward(fused, x, "triton")
+    saved = saved_for_backward(fused, x, kernel_backend)
     activation_sized = [t for t in saved if t.numel() >= x.numel()]
     assert len(activation_sized) == 1 and activation_sized[0].data_ptr() == x.data_ptr()
     params = sum(p.numel() for p in fused.parameters())
     assert sum(t.numel() for t in saved) <= x.numel() + params + 2 * x.shape[0] * x.shape[1]
 
 
-def test_deterministic_bitwise():
+def test_deterministic_bitwise(kernel_backend):
     x = make_x((2, 24, 9, 7))
     dy = make_x((2, 24, 9, 7), seed=3)
     _, fused = make_pair("ceca", 24)
-    first, second = run(fused, x, dy, "triton"), run(fused, x, dy, "triton")
+    first, second = run(fused, x, dy, kernel_backend), run(fused, x, dy, kernel_backend)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert all(torch.equal(first[2][k], second[2][k]) for k in first[2])
 

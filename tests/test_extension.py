@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from attn_kernels import backends
+from conftest import require_cpu_backend
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,20 @@ def test_every_triton_primitive_has_a_compiled_twin_with_its_arguments(extension
         compiled = [a.name for a in schema.arguments]
         interpreted = list(inspect.signature(getattr(triton_primitives, name)).parameters)
         assert compiled == interpreted, name
+
+
+def test_emulation_has_the_schemas_of_the_extension(extension):
+    """The CPU emulation (attn_kernels._emulated) registers the same primitives, from the same
+    ops.cpp, in its own library: attn_kernels_emulated, for CPU tensors."""
+    require_cpu_backend("cuda")
+    from attn_kernels import _emulated  # noqa: F401
+
+    for name in set(dir(torch.ops.attn_kernels_cuda)) - {"name"}:
+        compiled = getattr(torch.ops.attn_kernels_cuda, name)
+        if not isinstance(compiled, torch._ops.OpOverloadPacket):
+            continue
+        emulated = getattr(torch.ops.attn_kernels_emulated, name).default._schema
+        assert str(emulated) == str(compiled.default._schema).replace("attn_kernels_cuda::", "attn_kernels_emulated::")
 
 
 def test_build_info_records_architectures(extension):

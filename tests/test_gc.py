@@ -80,17 +80,17 @@ def test_repr():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("sample", SHAPES, ids=lambda s: s[0])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_triton_interpreted_matches_reference(config, sample, layout, poisoned):
-    check_kernel_against_reference("triton", make_x(sample[1], layout=layout), "gc",
+def test_kernel_matches_reference(config, sample, layout, poisoned, kernel_backend):
+    check_kernel_against_reference(kernel_backend, make_x(sample[1], layout=layout), "gc",
                                    {"rd_ratio": 0.25, **CONFIGS[config]})
 
 
 @interpreted_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("config", ["att+scale+add", "avg+scale+add"])
-def test_triton_interpreted_dtypes(config, dtype, poisoned):
+def test_kernel_dtypes(config, dtype, poisoned, kernel_backend):
     for layout in LAYOUTS:
-        check_kernel_against_reference("triton", make_x((2, 24, 5, 7), dtype, layout=layout), "gc",
+        check_kernel_against_reference(kernel_backend, make_x((2, 24, 5, 7), dtype, layout=layout), "gc",
                                        {"rd_ratio": 0.25, **CONFIGS[config]})
 
 
@@ -118,7 +118,7 @@ def test_attention_pool_over_many_tiles_and_splits(monkeypatch, poisoned):
 
 @pytest.mark.parametrize("config", ["att+scale+add", "att+add", "avg+scale+add"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradcheck_float64(config, layout):
+def test_gradcheck_float64(config, layout, kernel_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     _, fused = pair(6, config, dtype=torch.float64, device=device)
     x = make_x((2, 6, 3, 4), torch.float64, device, layout).requires_grad_()
@@ -128,11 +128,10 @@ def test_gradcheck_float64(config, layout):
     def f(x, *p):
         return torch.func.functional_call(fused, dict(zip(names, p)), (x,))
 
-    for backend in ["triton"] + (["cuda"] if torch.cuda.is_available() else []):
-        with attn_kernels.use_backend(backend):
-            assert fused.dispatch(x).backend == backend
-            # fast_mode checks a random projection of the Jacobian: the interpreter is slow.
-            assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
+    with attn_kernels.use_backend(kernel_backend):
+        assert fused.dispatch(x).backend == kernel_backend
+        # fast_mode checks a random projection of the Jacobian: the interpreter is slow.
+        assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def op_args(backend, device):
@@ -148,42 +147,41 @@ def op_args(backend, device):
 
 
 @pytest.mark.parametrize("pooling", ["att", "avg"])
-def test_opcheck(pooling):
+def test_opcheck(pooling, kernel_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for backend in ["triton"] + (["cuda"] if torch.cuda.is_available() else []):
-        x, attn_w, attn_b, scale, add, config = op_args(backend, device)
-        if pooling == "avg":
-            attn_w = attn_b = None
-        grads = [t.requires_grad_() if t is not None else None for t in [x, attn_w, attn_b]]
-        weights = [[t.requires_grad_() for t in scale], [t.requires_grad_() for t in add]]
-        torch.library.opcheck(gc_forward, (*grads, *weights, *config))
-        plain = [t.detach() if t is not None else None for t in [x, attn_w, attn_b]]
-        plain_weights = [[t.detach() for t in scale], [t.detach() for t in add]]
-        _, context, lse = gc_forward(*plain, *plain_weights, *config)
-        torch.library.opcheck(gc_backward, (torch.randn_like(x), *plain, *plain_weights, context, lse, *config))
+    x, attn_w, attn_b, scale, add, config = op_args(kernel_backend, device)
+    if pooling == "avg":
+        attn_w = attn_b = None
+    grads = [t.requires_grad_() if t is not None else None for t in [x, attn_w, attn_b]]
+    weights = [[t.requires_grad_() for t in scale], [t.requires_grad_() for t in add]]
+    torch.library.opcheck(gc_forward, (*grads, *weights, *config))
+    plain = [t.detach() if t is not None else None for t in [x, attn_w, attn_b]]
+    plain_weights = [[t.detach() for t in scale], [t.detach() for t in add]]
+    _, context, lse = gc_forward(*plain, *plain_weights, *config)
+    torch.library.opcheck(gc_backward, (torch.randn_like(x), *plain, *plain_weights, context, lse, *config))
 
 
 def test_compile_fullgraph_has_no_graph_break():
     check_compiles_without_graph_break(pair(16, "att+scale+add")[1], 16)
 
 
-def test_saves_only_x_and_small_statistics():
+def test_saves_only_x_and_small_statistics(kernel_backend):
     """Backward keeps x plus the (N, C) context, the (N,) log-sum-exp and the weights; timm keeps
     the softmax (N*H*W) and x several times over."""
     x = make_x((2, 32, 8, 8)).requires_grad_()
     _, fused = pair(32, "att+scale+add")
-    saved = saved_for_backward(fused, x, "triton")
+    saved = saved_for_backward(fused, x, kernel_backend)
     activation_sized = [t for t in saved if t.numel() >= x.numel()]
     assert len(activation_sized) == 1 and activation_sized[0].data_ptr() == x.data_ptr()
     params = sum(p.numel() for p in fused.parameters())
     assert sum(t.numel() for t in saved) <= x.numel() + params + x.shape[0] * x.shape[1] + x.shape[0]
 
 
-def test_deterministic_bitwise():
+def test_deterministic_bitwise(kernel_backend):
     x = make_x((2, 24, 9, 7))
     dy = make_x((2, 24, 9, 7), seed=3)
     _, fused = pair(24, "att+scale+add")
-    first, second = run(fused, x, dy, "triton"), run(fused, x, dy, "triton")
+    first, second = run(fused, x, dy, kernel_backend), run(fused, x, dy, kernel_backend)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert all(torch.equal(first[2][k], second[2][k]) for k in first[2])
 

@@ -125,6 +125,21 @@ def test_more_than_2_to_the_31_elements(backend, layout):
     torch.testing.assert_close(lse, torch.full_like(lse, float(torch.tensor(4096.0 * 4100).log())))
 
 
+def test_statistics_on_another_device_are_refused():
+    """The CUDA primitives check that each statistic lies on x's device, naming it: a pointer of
+    another device would be read as if it were x's (a CPU tensor stands in for another GPU)."""
+    ops = primitives("cuda")
+    x = torch.randn(2, 3, 4, 4, device="cuda")
+    with pytest.raises(RuntimeError, match=r"argument 'gate' must be .* on x's device cuda:0, got .* on cpu"):
+        ops.channel_gate_apply(x, torch.ones(2, 3), None, None, None, None)
+    with pytest.raises(RuntimeError, match=r"argument 'sa' must be .* on x's device cuda:0, got .* on cpu"):
+        ops.spatial_gate_apply(x, None, torch.ones(2, 16), None, None, None, None, None, None, None)
+    with pytest.raises(RuntimeError, match=r"argument 'lse' must be .* on x's device cuda:0, got .* on cpu"):
+        ctx = torch.zeros(2, 3, device="cuda")
+        w, b = torch.zeros(3, device="cuda"), torch.zeros(1, device="cuda")
+        ops.attention_pool_backward(x, x, None, ctx, ctx, w, b, torch.zeros(2))
+
+
 # ---- whole timm models, patched (tests/test_patch.py has the CPU versions and the helpers) -------------
 
 @pytest.mark.parametrize("backend", BACKENDS)

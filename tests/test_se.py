@@ -77,19 +77,19 @@ def test_repr_names_the_shape():
 # ---- kernels vs reference -------------------------------------------------------------------
 
 @pytest.mark.parametrize("sample", list(sample_inputs()), ids=lambda s: s[0])
-def test_triton_interpreted_matches_reference(sample, poisoned):
+def test_kernel_matches_reference(sample, poisoned, kernel_backend):
     if torch.cuda.is_available():
         pytest.skip("covered at real shapes by the GPU tests")
     _, x, kwargs = sample
-    check_kernel_against_reference("triton", x, "se", kwargs)
+    check_kernel_against_reference(kernel_backend, x, "se", kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_triton_interpreted_dtypes(dtype, poisoned):
+def test_kernel_dtypes(dtype, poisoned, kernel_backend):
     if torch.cuda.is_available():
         pytest.skip("covered at real shapes by the GPU tests")
     for layout in LAYOUTS:
-        check_kernel_against_reference("triton", make_x((2, 24, 5, 7), dtype, layout=layout), "se", {"add_maxpool": True})
+        check_kernel_against_reference(kernel_backend, make_x((2, 24, 5, 7), dtype, layout=layout), "se", {"add_maxpool": True})
 
 
 def test_reductions_split_over_hw(monkeypatch, poisoned):
@@ -119,7 +119,7 @@ def test_reductions_split_over_hw(monkeypatch, poisoned):
 
 @pytest.mark.parametrize("add_maxpool", [False, True])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradcheck_float64(add_maxpool, layout):
+def test_gradcheck_float64(add_maxpool, layout, kernel_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x = make_x((2, 6, 3, 4), torch.float64, device, layout).requires_grad_()
     torch.manual_seed(0)
@@ -130,10 +130,9 @@ def test_gradcheck_float64(add_maxpool, layout):
     def f(x, w1, b1, w2, b2):
         return F.se(x, w1, b1, w2, b2, add_maxpool=add_maxpool, act="silu")
 
-    for backend in ["triton"] + (["cuda"] if torch.cuda.is_available() else []):
-        with attn_kernels.use_backend(backend):
-            assert F.gate_dispatch(x, act="silu").backend == backend
-            assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
+    with attn_kernels.use_backend(kernel_backend):
+        assert F.gate_dispatch(x, act="silu").backend == kernel_backend
+        assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
 
 
 def op_args(backend="triton", pool="mix", device="cpu"):
@@ -145,41 +144,39 @@ def op_args(backend="triton", pool="mix", device="cpu"):
 
 
 @pytest.mark.parametrize("pool", ["avg", "mix", "avg+max", "max"])
-def test_opcheck(pool):
+def test_opcheck(pool, kernel_backend):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backends = ["triton"] + (["cuda"] if torch.cuda.is_available() else [])
-    for backend in backends:
-        args = op_args(backend, pool, device)
-        x, w1, b1, w2, b2 = [a.requires_grad_() for a in args[:5]]
-        torch.library.opcheck(channel_gate_forward, (x, w1, b1, w2, b2, *args[5:]))
-        # The backward op has no derivative of its own (no double backward): detached inputs.
-        tensors = [a.detach() for a in args[:5]]
-        _, mean, xmax = channel_gate_forward(*tensors, *args[5:])
-        dy = torch.randn_like(args[0])
-        torch.library.opcheck(channel_gate_backward, (dy, *tensors, mean, xmax, *args[5:]))
+    args = op_args(kernel_backend, pool, device)
+    x, w1, b1, w2, b2 = [a.requires_grad_() for a in args[:5]]
+    torch.library.opcheck(channel_gate_forward, (x, w1, b1, w2, b2, *args[5:]))
+    # The backward op has no derivative of its own (no double backward): detached inputs.
+    tensors = [a.detach() for a in args[:5]]
+    _, mean, xmax = channel_gate_forward(*tensors, *args[5:])
+    dy = torch.randn_like(args[0])
+    torch.library.opcheck(channel_gate_backward, (dy, *tensors, mean, xmax, *args[5:]))
 
 
 def test_compile_fullgraph_has_no_graph_break():
     check_compiles_without_graph_break(make_pair("se", 16)[1], 16)
 
 
-def test_saves_only_x_and_per_channel_statistics():
+def test_saves_only_x_and_per_channel_statistics(kernel_backend):
     """Backward keeps x plus O(N*C) tensors (and the tiny weights): nothing else the size of x."""
     x = make_x((2, 32, 8, 8)).requires_grad_()
     _, fused = make_pair("se", 32, add_maxpool=True)
-    saved = saved_for_backward(fused, x, "triton")
+    saved = saved_for_backward(fused, x, kernel_backend)
     activation_sized = [t for t in saved if t.numel() >= x.numel()]
     assert len(activation_sized) == 1 and activation_sized[0].data_ptr() == x.data_ptr()
     params = sum(p.numel() for p in fused.parameters())
     assert sum(t.numel() for t in saved) <= x.numel() + params + 4 * x.shape[0] * x.shape[1]
 
 
-def test_deterministic_bitwise():
+def test_deterministic_bitwise(kernel_backend):
     x = make_x((2, 24, 9, 7), kind="relu")
     dy = make_x((2, 24, 9, 7), seed=3)
     _, fused = make_pair("se", 24, add_maxpool=True)
-    first = run(fused, x, dy, "triton")
-    second = run(fused, x, dy, "triton")
+    first = run(fused, x, dy, kernel_backend)
+    second = run(fused, x, dy, kernel_backend)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert all(torch.equal(first[2][k], second[2][k]) for k in first[2])
 
@@ -193,8 +190,12 @@ def test_dispatch_says_why():
     assert choice.backend == "reference" and "'auto' sends non-CUDA tensors" in choice.passed_over["cuda"]
     with attn_kernels.use_backend("cuda"):
         choice = fused.dispatch(x)
-        if not torch.cuda.is_available():
+        if attn_kernels.backends.cuda_emulation_error() is None:  # the CUDA kernels, emulated on CPU
+            assert choice.backend == "cuda" and choice.emulated
+            assert str(choice) == "backend: cuda (CUDA kernels under CPU emulation)"
+        elif not torch.cuda.is_available():
             assert choice.backend == "triton" and "x is on cpu" in choice.passed_over["cuda"]
+            assert "ATTN_KERNELS_BUILD_EMULATION=1" in choice.passed_over["cuda"]
             assert str(choice).startswith("backend: triton\n  not cuda: ")
     mish = attn_kernels.FusedSE(8, act_layer=nn.Mish)
     with attn_kernels.use_backend("triton"):

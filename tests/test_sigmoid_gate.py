@@ -9,7 +9,7 @@ import torch
 
 import attn_kernels
 from attn_kernels import functional as F
-from attn_kernels.ops.sigmoid_gate import sigmoid_gate_backward, sigmoid_gate_forward
+from attn_kernels.ops.sigmoid_gate import is_spatial, sigmoid_gate_backward, sigmoid_gate_forward
 from helpers import assert_close_to_reference, make_x
 
 LAYOUTS = ["nchw", "channels_last"]
@@ -32,6 +32,11 @@ def gate_step(x, logits, dy, residual, backend=None):
     return y.detach(), x.grad, logits.grad
 
 
+def skip_pointwise_on_cuda(x, logits, backend):
+    if backend == "cuda" and not is_spatial(x, logits):
+        pytest.skip("the point-wise form (logits of x's shape) has a Triton kernel only")
+
+
 def test_reference_is_the_papers_formula():
     x, logits = inputs((2, 4, 3, 3), False)
     torch.testing.assert_close(F.residual_attention(x, logits), (1 + torch.sigmoid(logits)) * x, rtol=0, atol=0)
@@ -41,14 +46,15 @@ def test_reference_is_the_papers_formula():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
-def test_triton_interpreted_matches_reference_float64(form, shape, layout, poisoned):
+def test_kernel_matches_reference_float64(form, shape, layout, poisoned, kernel_backend):
     spatial, residual = form
     x, logits = inputs(shape, spatial, layout=layout)
+    skip_pointwise_on_cuda(x, logits, kernel_backend)
     dy = make_x(shape, torch.float64, layout=layout, seed=1)
-    with attn_kernels.use_backend("triton"):
-        assert F.sigmoid_gate_dispatch(x, logits).backend == "triton"
+    with attn_kernels.use_backend(kernel_backend):
+        assert F.sigmoid_gate_dispatch(x, logits).backend == kernel_backend
     expected = gate_step(x, logits, dy, residual, "reference")
-    got = gate_step(x, logits, dy, residual, "triton")
+    got = gate_step(x, logits, dy, residual, kernel_backend)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
     assert got[0].stride() == x.stride() and got[1].stride() == x.stride() and got[2].shape == logits.shape
@@ -56,13 +62,14 @@ def test_triton_interpreted_matches_reference_float64(form, shape, layout, poiso
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
-def test_triton_interpreted_low_precision_within_twice_eager_error(form, dtype, poisoned):
+def test_kernel_low_precision_within_twice_eager_error(form, dtype, poisoned, kernel_backend):
     spatial, residual = form
     x, logits = inputs((2, 24, 6, 5), spatial, dtype)
+    skip_pointwise_on_cuda(x, logits, kernel_backend)
     dy = make_x(tuple(x.shape), dtype, seed=1)
     ref = gate_step(x.double(), logits.double(), dy.double(), residual, "reference")
     eager = gate_step(x, logits, dy, residual, "reference")
-    got = gate_step(x, logits, dy, residual, "triton")
+    got = gate_step(x, logits, dy, residual, kernel_backend)
     for name, g, e, r in zip(["y", "dx", "dlogits"], got, eager, ref):
         assert_close_to_reference(name, g, e, r)
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..activations import ACTIVATIONS
-from .channel_gate import same_layout_as
+from .channel_gate import nan_where_max_is_nan, same_layout_as
 from .excite import excite, excite_backward
 from .primitives import acc_dtype, fused_op, primitives
 
@@ -66,7 +66,7 @@ def cbam_forward(
     """Returns (y, cmean, cmax, smean, smax, sties, bn_mean, bn_var): the output, the channel
     statistics (empty without the MLP), the spatial statistics (N, H*W), and the BN statistics
     the op normalized with (the batch's in training, biased variance)."""
-    ops = primitives(backend)
+    ops = primitives(backend, x.device)
     acc = acc_dtype(x.dtype)
     if fc1_weight is not None:
         cmean, cmax = ops.channel_pool(x, True)
@@ -130,7 +130,7 @@ def cbam_backward(
     """Returns (dx, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias, d conv_weight, d bn_weight,
     d bn_bias); MLP gradients are empty without the MLP, bias gradients present even for absent
     biases (the autograd formula drops them)."""
-    ops = primitives(backend)
+    ops = primitives(backend, x.device)
     N, C, H, W = x.shape
     channel = fc1_weight is not None
     mlp_weights = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
@@ -142,7 +142,7 @@ def cbam_backward(
 
     # Pass 1: d sa, and the part of d ca that flows straight from y = u * sa.
     dsa, dca = ops.spatial_grad_reduce(dy, x, ca, sa)
-    dlogits = dsa.reshape(logits.shape) * ACTIVATIONS[gate].derivative(logits)
+    dlogits = ACTIVATIONS[gate].backward(dsa.reshape(logits.shape), logits)
     dbn_bias = dlogits.sum().reshape(1)
     dbn_weight = (dlogits * normalized).sum().reshape(1)
     dnormalized = dlogits * bn_weight.to(dlogits.dtype)
@@ -156,7 +156,7 @@ def cbam_backward(
         [True, True, False],
     )
     # mean_c spreads its gradient over C channels; max_c over the tied maxima.
-    pmean = (dmaps[:, 0] / C).reshape(N, -1).contiguous()
+    pmean = nan_where_max_is_nan((dmaps[:, 0] / C).reshape(N, -1), smax).contiguous()
     pmax = (dmaps[:, 1].reshape(N, -1) / sties).contiguous()
 
     if channel:
@@ -165,7 +165,10 @@ def cbam_backward(
         dcmean, dcmax, *dmlp = excite_backward("mlp", pool, e, dca + dca_pool, *mlp_weights, act, gate)
         # Pass 3. A pool without the mean (or the max) contributes no term of its own.
         cbias = dcmean / (H * W) if dcmean is not None else torch.zeros_like(cties)
-        ctie = dcmax / cties if dcmax is not None else torch.zeros_like(cties)
+        if dcmax is not None:
+            cbias, ctie = nan_where_max_is_nan(cbias, cmax), dcmax / cties
+        else:
+            ctie = torch.zeros_like(cties)
         dx = ops.spatial_gate_apply(dy, ca, sa, x, smax, pmean, pmax, cbias, cmax, ctie)
     else:
         dmlp = [x.new_empty((0,), dtype=cmean.dtype) for _ in range(4)]

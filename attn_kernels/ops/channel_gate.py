@@ -34,7 +34,7 @@ def channel_gate_forward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (y, mean, max): the output and the (N, C) statistics backward needs (max is empty
     when the pool does not use it)."""
-    ops = primitives(backend)
+    ops = primitives(backend, x.device)
     mean, xmax = ops.channel_pool(x, uses_max(pool))
     g = excite(mix, pool, mean, xmax, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate).gate
     y = ops.channel_gate_apply(x, g, None, None, None, None)
@@ -67,7 +67,7 @@ def channel_gate_backward(
     """Returns (dx, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias); bias gradients are
     returned even for absent biases, fc1 gradients are empty without fc1_weight (the autograd
     formula drops them)."""
-    ops = primitives(backend)
+    ops = primitives(backend, x.device)
     weights = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     e = excite(mix, pool, mean, xmax, *weights, act, gate)
     with_max = uses_max(pool)
@@ -77,7 +77,7 @@ def channel_gate_backward(
     bias = dmean / hw if dmean is not None else torch.zeros_like(dot)
     if with_max:
         # amax's gradient is shared equally by tied maxima.
-        dx = ops.channel_gate_apply(dy, e.gate, bias, x, xmax, dmax / ties)
+        dx = ops.channel_gate_apply(dy, e.gate, nan_where_max_is_nan(bias, xmax), x, xmax, dmax / ties)
     else:
         dx = ops.channel_gate_apply(dy, e.gate, bias, None, None, None)
     return (dx, *dweights)
@@ -106,6 +106,12 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, xmax)
     ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax)
     ctx.config = (pool, mix, act, gate, backend)
+
+
+def nan_where_max_is_nan(bias: Tensor, xmax: Tensor) -> Tensor:
+    """bias, NaN where the max is NaN: then no element equals it, and amax's gradient (its share,
+    d max / 0 ties, at no element) is 0/0-style NaN over the whole pooled set, as in eager."""
+    return torch.where(torch.isnan(xmax), torch.full_like(bias, float("nan")), bias)
 
 
 def same_layout_as(t: Tensor, like: Tensor) -> Tensor:

@@ -137,7 +137,7 @@ def excite_backward(
     for absent biases, and fc1 gradients are empty (0,) tensors without fc1_weight (callers drop
     them). Weight gradients come in the weights' shapes and dtypes.
     """
-    dz = dgate * ACTIVATIONS[gate].derivative(e.logits)
+    dz = ACTIVATIONS[gate].backward(dgate, e.logits)
     has_fc1 = fc1_weight is not None
     dw1 = db1 = dw2 = None
     dinputs = []
@@ -145,7 +145,7 @@ def excite_backward(
         dh, dw2_branch = _second_layer_backward(mix, dz, h, fc2_weight)
         dw2 = dw2_branch if dw2 is None else dw2 + dw2_branch
         if has_fc1:
-            dh = dh * ACTIVATIONS[act].derivative(h_pre)
+            dh = ACTIVATIONS[act].backward(dh, h_pre)
         dp, dw1_branch, db1_branch = _first_layer_backward(mix, dh, p, fc1_weight)
         if has_fc1:
             dw1 = dw1_branch if dw1 is None else dw1 + dw1_branch

@@ -54,7 +54,7 @@ def transform_backward(weights: List[Tensor], ctx: Tensor, t: Transform, dout: T
     dtype = ctx.dtype
     activated = ACTIVATIONS[act].forward(t.pre_act)
     dw2 = dout.t() @ activated
-    dpre = (dout @ matrix(w2, dtype)) * ACTIVATIONS[act].derivative(t.pre_act)
+    dpre = ACTIVATIONS[act].backward(dout @ matrix(w2, dtype), t.pre_act)
     dln_w = (dpre * t.normalized).sum(0)
     dln_b = dpre.sum(0)
     dnorm = dpre * ln_w.reshape(-1).to(dtype)
@@ -89,7 +89,7 @@ def gc_forward(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (y, context, lse): the output, the (N, C) context and, for 'att' pooling, the (N,)
     log-sum-exp of the attention logits (empty for 'avg')."""
-    ops = primitives(backend)
+    ops = primitives(backend, x.device)
     if attn_weight is not None:
         context, lse = ops.attention_pool(x, *_attention_weights(x, attn_weight, attn_bias))
     else:
@@ -128,9 +128,9 @@ def gc_backward(
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor]]:
     """Returns (dx, d attn_weight, d attn_bias, d scale_weights, d add_weights); the attention
-    gradients are empty for 'avg' pooling. d attn_bias is exactly zero: a constant added to every
-    logit leaves the softmax unchanged."""
-    ops = primitives(backend)
+    gradients are empty for 'avg' pooling. d attn_bias is zero: a constant added to every logit
+    leaves the softmax unchanged (NaN where the logits' gradient holds a NaN, as eager's sum)."""
+    ops = primitives(backend, x.device)
     N, C, H, W = x.shape
     if scale_weights:
         dot, _, dy_sum = ops.channel_grad_reduce(dy, x, None, bool(add_weights))
@@ -142,7 +142,7 @@ def gc_backward(
     if scale_weights:
         t = transform(scale_weights, context, scale_eps, act)
         gate_values = ACTIVATIONS[gate].forward(t.out)
-        dctx, dscale = transform_backward(scale_weights, context, t, dot * ACTIVATIONS[gate].derivative(t.out), act)
+        dctx, dscale = transform_backward(scale_weights, context, t, ACTIVATIONS[gate].backward(dot, t.out), act)
         dcontext += dctx
     if add_weights:
         dctx, dadd = transform_backward(add_weights, context, transform(add_weights, context, add_eps, act), dy_sum, act)
@@ -153,7 +153,9 @@ def gc_backward(
         return dx, context.new_empty((0,)), context.new_empty((0,)), dscale, dadd
     weight, bias = _attention_weights(x, attn_weight, attn_bias)
     dx, dweight = ops.attention_pool_backward(dy, x, gate_values, context, dcontext, weight, bias, lse)
-    dattn_bias = torch.zeros((1,), dtype=(attn_bias if attn_bias is not None else attn_weight).dtype, device=x.device)
+    # sum_p of the logits' gradient is 0 per sample, up to rounding: unless one is NaN, which makes
+    # every d weight[c] = sum x * dl NaN or infinite too (and eager's sum NaN).
+    dattn_bias = (0 * dweight).sum().reshape(1).to((attn_bias if attn_bias is not None else attn_weight).dtype)
     return dx, dweight.reshape(attn_weight.shape).to(attn_weight.dtype), dattn_bias, dscale, dadd
 
 

@@ -1,17 +1,24 @@
 """The activation-sized primitives behind a backend name.
 
 Both kernel backends implement the same functions with the same signatures: the compiled ones as
-torch.ops.attn_kernels_cuda.<name> (csrc/), the Triton ones in attn_kernels.triton. Each kernel
-file says what its primitives compute.
+torch.ops.attn_kernels_cuda.<name> (csrc/; for CPU tensors, the same sources built for the CUDA
+emulation, torch.ops.attn_kernels_emulated.<name>), the Triton ones in attn_kernels.triton. Each
+kernel file says what its primitives compute.
 """
 import functools
+from typing import Optional
 
 import torch
 
 
-def primitives(backend: str):
-    """The module-like object holding the primitives of a kernel backend."""
+def primitives(backend: str, device: Optional[torch.device] = None):
+    """The module-like object holding the primitives of a kernel backend; for 'cuda', those that
+    run on `device` (CUDA tensors, or CPU tensors in the CUDA emulation)."""
     if backend == "cuda":
+        if device is not None and device.type == "cpu":
+            from .. import _emulated  # noqa: F401  (registers torch.ops.attn_kernels_emulated)
+
+            return torch.ops.attn_kernels_emulated
         from .. import _C  # noqa: F401  (registers torch.ops.attn_kernels_cuda)
 
         return torch.ops.attn_kernels_cuda

@@ -110,7 +110,7 @@ def selective_kernel_backward(
     dlogits = (a.attn * (dattn - (a.attn * dattn).sum(1, keepdim=True))).reshape(N, P * C)
     w_select = fc_select_weight.reshape(P * C, -1).to(s.dtype)
     dselect = dlogits.t() @ a.hidden
-    dbn_out = (dlogits @ w_select) * ACTIVATIONS[act].derivative(a.bn_out)
+    dbn_out = ACTIVATIONS[act].backward(dlogits @ w_select, a.bn_out)
     dbn_weight, dbn_bias = (dbn_out * a.normalized).sum(0), dbn_out.sum(0)
     dnormalized = dbn_out * bn_weight.to(s.dtype)
     if bn_training:  # the batch statistics depend on h too

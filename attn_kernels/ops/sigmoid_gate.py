@@ -39,7 +39,7 @@ def sigmoid_gate_forward(x: Tensor, logits: Tensor, residual: bool, backend: str
     if not is_spatial(x, logits):
         return primitives("triton").sigmoid_gate_apply(x, logits, residual)
     sa = _pixel_gate(x, logits, residual)
-    return primitives(backend).spatial_gate_apply(x, None, sa, None, None, None, None, None, None, None)
+    return primitives(backend, x.device).spatial_gate_apply(x, None, sa, None, None, None, None, None, None, None)
 
 
 @sigmoid_gate_forward.register_fake
@@ -52,7 +52,7 @@ def sigmoid_gate_backward(dy: Tensor, x: Tensor, logits: Tensor, residual: bool,
     """Returns (dx, dlogits)."""
     if not is_spatial(x, logits):
         return primitives("triton").sigmoid_gate_grad(dy, x, logits, residual)
-    ops = primitives(backend)
+    ops = primitives(backend, x.device)
     sa = _pixel_gate(x, logits, residual)
     s = sa - 1 if residual else sa
     dsa, _ = ops.spatial_grad_reduce(dy, x, None, sa)

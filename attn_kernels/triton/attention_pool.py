@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..ops.primitives import ATTENTION_POOL_MAX_CHANNELS, acc_dtype
-from .channel_gate import check_activation, check_stats, device_guard, split_hw, strides
+from .channel_gate import check_activation, check_stats, device_guard, nan_max, nan_maximum, split_hw, strides
 
 _TILE_ELEMENTS = 8192  # elements of x a program holds per loop step
 
@@ -51,7 +51,7 @@ def _pool_kernel(
     hw_begin = split * hw_per_split
     hw_end = tl.minimum(HW, hw_begin + hw_per_split)
 
-    run_max = tl.max(tl.full((BLOCK_HW,), float("-inf"), dtype=acc_ty), axis=0)
+    run_max = tl.sum(tl.full((BLOCK_HW,), float("-inf"), dtype=acc_ty), axis=0)  # -inf, a scalar of acc_ty
     run_sum = tl.sum(tl.zeros((BLOCK_HW,), dtype=acc_ty), axis=0)
     acc = tl.zeros((BLOCK_C,), dtype=acc_ty)
     for start in range(hw_begin, hw_end, BLOCK_HW):
@@ -61,9 +61,12 @@ def _pool_kernel(
         tile = tl.load(x_ptr + n * stride_n + c[:, None] * stride_c + hw[None, :] * stride_hw,
                        mask=mask, other=0).to(acc_ty)
         logits = tl.where(hw_mask, tl.sum(tile * w[:, None], axis=0) + bias, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(logits, axis=0))
-        rescale = tl.exp(run_max - new_max)  # 0 on the first tile (run_max = -inf)
-        e = tl.exp(logits - new_max)         # 0 on masked pixels
+        new_max = nan_maximum(run_max, nan_max(logits, 0))  # NaN if a logit is: softmax is NaN then
+        # The shift: the max, but 0 while every logit so far is -inf (exp(-inf - -inf) would be NaN
+        # where softmax gives those logits weight 0 next to a finite one, or NaN for all if none is).
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp(run_max - shift)  # 0 on the first tile (run_max = -inf)
+        e = tl.exp(logits - shift)         # 0 on masked pixels
         run_sum = run_sum * rescale + tl.sum(e, axis=0)
         acc = acc * rescale + tl.sum(tile * e[None, :], axis=1)
         run_max = new_max

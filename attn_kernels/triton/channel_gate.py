@@ -1,6 +1,7 @@
 """Channel-gate primitives in Triton, with the signatures of the CUDA ones (csrc/channel_gate.cu).
 
   channel_pool(x, with_max) -> (mean, max)                 one read of x
+      (max NaN where the plane holds a NaN, as torch.amax)
   channel_grad_reduce(dy, x, xmax, with_dy_sum) -> (dot, ties, dy_sum)
                                                            one read of dy and x:
       sum over H*W of dy*x, how many x tie xmax (with xmax), and sum of dy (with with_dy_sum)
@@ -84,6 +85,37 @@ def _sm_count(t: torch.Tensor) -> int:
     return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 1
 
 
+# NaN-propagating maxima, as torch.amax: compiled tl.max and a plain tl.maximum drop NaN (LLVM's
+# maxnum), so every maximum of these kernels goes through the two helpers below.
+@triton.jit
+def nan_maximum(a, b):
+    """Elementwise max of a and b, NaN where either is NaN."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _flip_negatives(bits, SIGN_SHIFT: tl.constexpr, MAGNITUDE: tl.constexpr):
+    """Float bits as signed integers in the order of the floats: the magnitude bits of negative
+    floats flipped. Its own inverse."""
+    return bits ^ ((bits >> SIGN_SHIFT) & MAGNITUDE)
+
+
+@triton.jit
+def nan_max(x, axis: tl.constexpr):
+    """Max of a float32 or float64 tensor over axis, NaN where any element is NaN (torch.amax's).
+    The floats are reduced as order-preserving integer keys, NaN's above +inf's: an integer max is
+    exact, and NaN-free. (A tl.reduce with nan_maximum as combine function computes the same, but
+    Triton's interpreter runs it element by element.)"""
+    if x.dtype == tl.float64:
+        key = _flip_negatives(x.to(tl.int64, bitcast=True), 63, 0x7FFFFFFFFFFFFFFF)
+        best = tl.max(tl.where(x != x, 0x7FFFFFFFFFFFFFFF, key), axis=axis)
+        return _flip_negatives(best, 63, 0x7FFFFFFFFFFFFFFF).to(tl.float64, bitcast=True)
+    else:
+        key = _flip_negatives(x.to(tl.int32, bitcast=True), 31, 0x7FFFFFFF)
+        best = tl.max(tl.where(x != x, 0x7FFFFFFF, key), axis=axis)
+        return _flip_negatives(best, 31, 0x7FFFFFFF).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def _reduce_kernel(
     a_ptr, b_ptr, xmax_ptr, first_ptr, second_ptr,
@@ -125,7 +157,7 @@ def _reduce_kernel(
         else:
             first += a
             if SECOND:
-                second = tl.maximum(second, tl.where(mask, a, float("-inf")))
+                second = nan_maximum(second, tl.where(mask, a, float("-inf")))
 
     out = split * N * C + n * C + c
     tl.store(first_ptr + out, tl.sum(first, axis=1), mask=c_mask)
@@ -133,7 +165,7 @@ def _reduce_kernel(
         if GRAD:
             tl.store(second_ptr + out, tl.sum(second, axis=1), mask=c_mask)
         else:
-            tl.store(second_ptr + out, tl.max(second, axis=1), mask=c_mask)
+            tl.store(second_ptr + out, nan_max(second, 1), mask=c_mask)
 
 
 def split_hw(a: torch.Tensor, block_c: int, block_hw: int):

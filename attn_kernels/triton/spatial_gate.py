@@ -5,7 +5,8 @@ u = x * ca[n, c] (u = x when there is no channel gate ca) is never written to me
 recomputes it, the same way, so ties found in one pass are found again in the next.
 
   spatial_pool(x, ca) -> (mean, max, ties)                               reads x
-      over C per pixel: mean and max of u, and how many u tie the max
+      over C per pixel: mean and max of u (NaN if any u is, as torch.amax), and how many u tie
+      the max (none for a NaN max)
   spatial_grad_reduce(dy, x, ca, sa) -> (dsa, dca)                       reads dy, x
       dsa[n,hw] = sum_c dy*u;  dca[n,c] = sum_hw dy*x*sa[n,hw] (empty without ca)
   spatial_pool_grad_reduce(x, ca, smax, pmean, pmax, cmax) -> (dca, cties)   reads x
@@ -22,7 +23,9 @@ import triton
 import triton.language as tl
 
 from ..ops.primitives import acc_dtype
-from .channel_gate import check_activation, check_stats, device_guard, split_hw, strides, tile_shape
+from .channel_gate import (
+    check_activation, check_stats, device_guard, nan_max, nan_maximum, split_hw, strides, tile_shape,
+)
 
 _TILE_ELEMENTS = 2048  # elements of x a program holds per loop step
 
@@ -84,19 +87,20 @@ def _reduce_over_c_kernel(
                 u = a
             total += tl.sum(u, axis=0)
             u = tl.where(mask, u, float("-inf"))
-            chunk_max = tl.max(u, axis=0)
+            chunk_max = nan_max(u, 0)
             chunk_ties = tl.sum(tl.where(u == chunk_max[None, :], 1.0, 0.0), axis=0).to(acc_ty)
             run_ties = tl.where(
                 chunk_max > run_max, chunk_ties, tl.where(chunk_max == run_max, run_ties + chunk_ties, run_ties)
             )
-            run_max = tl.maximum(run_max, chunk_max)
+            run_max = nan_maximum(run_max, chunk_max)
     out = n * HW + hw
     if GRAD:
         tl.store(first_ptr + out, total, mask=hw_mask)
     else:
         tl.store(first_ptr + out, total / C, mask=hw_mask)
         tl.store(max_ptr + out, run_max, mask=hw_mask)
-        tl.store(ties_ptr + out, run_ties, mask=hw_mask)
+        # A NaN max has no ties (nothing equals it), as the count torch.amax's gradient divides by.
+        tl.store(ties_ptr + out, tl.where(run_max != run_max, 0.0, run_ties), mask=hw_mask)
 
 
 def spatial_pool(x: torch.Tensor, ca=None):
