@@ -221,7 +221,6 @@ Plan plan_for(const at::Tensor& x) {
 }
 
 void check_weights(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
-  const auto acc = at::toAccumulateType(x.scalar_type(), true);
   AK_CHECK(x.size(1) <= kMaxChannels, op, "argument 'x' has ", x.size(1), " channels; at most ", kMaxChannels,
            " are supported");
   AK_CHECK_STAT_SHAPE(op, weight, x, "(C,)", {x.size(1)});

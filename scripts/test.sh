@@ -18,7 +18,8 @@ step "dependencies (torch 2.13.0 CUDA build, triton 3.7.1, timm 1.0.31)"
 # --isolated ignores local pip configuration, which may point at a CPU-only torch wheel: the CUDA
 # build of torch carries the headers and libraries the extension compiles against.
 python -m pip install --isolated -q --disable-pip-version-check \
-    torch==2.13.0 torchvision==0.28.0 triton==3.7.1 timm==1.0.31 numpy ninja pytest pytest-benchmark setuptools wheel
+    torch==2.13.0 torchvision==0.28.0 triton==3.7.1 timm==1.0.31 numpy ninja pytest pytest-benchmark \
+    pytest-xdist setuptools wheel
 
 step "build attn_kernels"
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
@@ -45,13 +46,16 @@ step "tests"
 # tests/triton_specs.py records the specialization of each launch (as the compiled launcher would
 # build it), and the next step compiles every one of them for sm_90a and sm_80. With a GPU the
 # tests run the compiled kernels themselves.
+# Without a GPU every test is CPU-bound in one thread: pytest-xdist runs one worker per core.
 specs=""
+workers=()
 if ! python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
     specs_dir=$(mktemp -d)
     trap 'rm -rf "$specs_dir"' EXIT
     specs=$specs_dir/triton_specs.jsonl
+    workers=(-n auto)
 fi
-ATTN_KERNELS_TRITON_SPECS=$specs python -m pytest "$@"
+ATTN_KERNELS_TRITON_SPECS=$specs python -m pytest "${workers[@]}" "$@"
 
 if [ -n "$specs" ]; then
     step "Triton kernels compiled for sm_90a and sm_80 at every specialization the tests launched"
