@@ -102,7 +102,10 @@ def test_gradcheck_float64(channel, train, kernel_backend):
 
     with attn_kernels.use_backend(kernel_backend):
         assert F.cbam_dispatch(x, conv, *stats, bn_w, bn_b, bn_training=train).backend == kernel_backend
-        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5)
+        # fast_mode (a random projection of the Jacobian) on the emulated CUDA kernels, which
+        # are slow on CPU; the full Jacobian on Triton's.
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5,
+                                        fast_mode=kernel_backend == "cuda" and not torch.cuda.is_available())
 
 
 def op_args(backend, channel, train, device):

@@ -38,6 +38,7 @@ def test_recorded_specialization_is_the_launchers(tmp_path, monkeypatch):
     args = (x, y, 48, 1, 2**33, 17, 0.5)
     path = tmp_path / "specs.jsonl"
     monkeypatch.setenv(triton_specs.ENV, str(path))
+    monkeypatch.setattr(triton_specs, "_seen", set())
     assert triton_specs.install()
     _scale_kernel[(4,)](*args, BLOCK=16, num_warps=2)
     _scale_kernel[(4,)](*args, BLOCK=16, num_warps=2)  # the same specialization: one record

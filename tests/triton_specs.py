@@ -147,9 +147,12 @@ def pytest_configure(config):
 
 
 def pytest_terminal_summary(terminalreporter):
-    if os.environ.get(ENV):
-        if _disabled is not None:
-            terminalreporter.write_line(f"{ENV}: nothing recorded: {_disabled}")
-        else:
-            terminalreporter.write_line(f"{ENV}: {len(_seen)} unique Triton specializations recorded in "
-                                        f"{os.environ[ENV]} by this process")
+    path = os.environ.get(ENV)
+    if not path:
+        return
+    if _disabled is not None:
+        terminalreporter.write_line(f"{ENV}: nothing recorded: {_disabled}")
+    elif os.path.exists(path):  # every process's records (pytest-xdist's workers write there too)
+        with open(path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        terminalreporter.write_line(f"{ENV}: {len(set(lines))} unique Triton specializations recorded in {path}")
