@@ -22,6 +22,9 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+if os.environ.get("PYTEST_XDIST_WORKER") and not HAS_GPU:
+    # scripts/test.sh runs one pytest-xdist worker per core: torch's own threads would oversubscribe them.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
