@@ -59,21 +59,25 @@ def block_args(block, channels):
     return () if block == "spatial_attn" else (channels,)
 
 
+def randomized(module):
+    """module with random, non-trivial parameters and BN statistics (from torch's global generator)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.5)
+        for name, b in module.named_buffers():
+            if name.endswith("running_mean"):
+                b.normal_(0, 0.5)
+            elif name.endswith("running_var"):
+                b.uniform_(0.5, 1.5)
+    return module
+
+
 def make_pair(block, *args, dtype=torch.float32, device="cpu", seed=0, train=True, **kwargs):
     """timm's module and its drop-in holding the same random, non-trivial parameters and BN
     statistics, both in train or eval mode."""
     make_eager, make_fused = BLOCKS[block]
     torch.manual_seed(seed)
-    eager = make_eager(*args, **kwargs)
-    with torch.no_grad():
-        for p in eager.parameters():
-            p.normal_(0, 0.5)
-        for name, b in eager.named_buffers():
-            if name.endswith("running_mean"):
-                b.normal_(0, 0.5)
-            elif name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
-    eager = eager.to(device=device, dtype=dtype).train(train)
+    eager = randomized(make_eager(*args, **kwargs)).to(device=device, dtype=dtype).train(train)
     fused = make_fused(*args, **kwargs).to(device=device, dtype=dtype).train(train)
     fused.load_state_dict(eager.state_dict(), strict=True)
     return eager, fused

@@ -24,7 +24,7 @@ import torch.nn.functional as tf
 from torch import nn
 
 import attn_kernels
-from helpers import make_x, timm_layers
+from helpers import make_x, randomized, timm_layers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = (2, 8, 4, 5)  # (N, C, H, W): non-finite values go into sample 0; sample 1 stays finite
@@ -79,19 +79,6 @@ def planted(planting):
 
 
 # ---- the blocks and their eager twins -------------------------------------------------------
-
-def randomized(module):
-    """module with random, non-trivial parameters and BN statistics (as helpers.make_pair)."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.normal_(0, 0.5)
-        for name, b in module.named_buffers():
-            if name.endswith("running_mean"):
-                b.normal_(0, 0.5)
-            elif name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
-    return module
-
 
 def timm_pair(make_eager, make_fused):
     """(eager, fused) from timm's module and its drop-in, with the same random state."""

@@ -12,7 +12,7 @@ import torch
 import attn_kernels
 from attn_kernels import functional as F
 from attn_kernels.ops.selective_kernel import selective_kernel_backward, selective_kernel_forward
-from helpers import assert_close_to_reference, make_x, timm_layers
+from helpers import assert_close_to_reference, make_x, randomized, timm_layers
 
 LAYOUTS = ["nchw", "channels_last"]
 
@@ -31,15 +31,7 @@ def pair(kwargs, dtype=torch.float64, train=True, seed=0):
     kwargs = dict(kwargs)
     in_channels = kwargs.pop("in_channels", 16)
     torch.manual_seed(seed)
-    eager = timm_layers.SelectiveKernel(in_channels, **kwargs)
-    with torch.no_grad():
-        for p in eager.parameters():
-            p.normal_(0, 0.5)
-        for name, b in eager.named_buffers():
-            if name.endswith("running_mean"):
-                b.normal_(0, 0.5)
-            elif name.endswith("running_var"):
-                b.uniform_(0.5, 1.5)
+    eager = randomized(timm_layers.SelectiveKernel(in_channels, **kwargs))
     fused = attn_kernels.FusedSelectiveKernel(in_channels, **kwargs)
     fused.load_state_dict(eager.state_dict(), strict=True)
     return eager.to(dtype).train(train), fused.to(dtype).train(train)
