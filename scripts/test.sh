@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-step() { printf '\n== %s\n' "$*"; }
+step() { printf '\n== %s  [%ds]\n' "$*" "$SECONDS"; }  # [seconds since the start]
 
 step "virtual environment .venv"
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
@@ -65,3 +65,4 @@ if [ -n "$specs" ]; then
         echo "no Triton launch recorded (none in the selected tests): nothing to compile"
     fi
 fi
+step "done"
