@@ -18,6 +18,7 @@ import os
 from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 __all__ = ["BACKENDS", "set_backend", "get_backend", "use_backend", "dispatch", "Dispatch", "unavailable_reason"]
 
@@ -146,9 +147,11 @@ def unavailable_reason(backend: str, x: torch.Tensor) -> Optional[str]:
         else:
             why = cuda_extension_error() or cuda_arch_error(
                 x.device.index if x.device.index is not None else torch.cuda.current_device())
-        if why is None and x.numel() >= CUDA_MAX_ELEMENTS:
-            # Below this, every grid the CUDA kernels launch is within the GPU's limits: the
-            # per-channel reduction launches up to N*C/8 blocks along x, whose limit is 2^31 - 1.
+        # Below this, every grid the CUDA kernels launch is within the GPU's limits: the
+        # per-channel reduction launches up to N*C/8 blocks along x, whose limit is 2^31 - 1. A
+        # symbolic size (torch.export with a dynamic batch) counts as below it unless provably not, so no
+        # guard bounds the batch; past it the launch fails with CUDA's error.
+        if why is None and statically_known_true(x.numel() >= CUDA_MAX_ELEMENTS):
             why = f"x has {x.numel()} elements; the cuda kernels' grids are sized for fewer than 2^34"
     else:
         why = triton_error()

@@ -1,10 +1,11 @@
 """Drop-in modules: the constructors, submodules and state_dict keys of timm's (mmcv's, the papers'), fused
 kernels inside."""
 import math
+import warnings
 from typing import Optional, Type, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from . import functional as F
 from .activations import create_act_layer, kernel_activation_name
@@ -16,7 +17,7 @@ __all__ = [
     "FusedECAOfficial", "FusedEffectiveSE", "FusedGC", "FusedLightCBAM", "FusedLightChannelAttn",
     "FusedLightSpatialAttn", "FusedNonLocal2d", "FusedNonLocalAttn", "FusedResidualAttention", "FusedSAM", "FusedSE",
     "FusedSelectiveKernel", "FusedSelectiveKernelAttn", "FusedSpatialAttn", "FusedSqueezeExcitation",
-    "FusedSqueezeExcite", "MMCVConvModule", "make_divisible",
+    "FusedSqueezeExcite", "FusedModule", "MMCVConvModule", "make_divisible",
 ]
 
 
@@ -36,7 +37,53 @@ def _reduced_channels(channels, rd_ratio, rd_channels, rd_divisor) -> int:
     return rd_channels or make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
 
 
-class FusedSE(nn.Module):
+def _traced_call(module: nn.Module, *inputs: fx.Proxy) -> fx.Proxy:
+    """`module` applied to `inputs` under torch.fx symbolic tracing: one call_module node, so that
+    the traced module runs the fused forward and makes its run-time choices (backend, dtype,
+    sizes: none of which a symbolic trace can see) when it runs, as eager does. This holds under
+    any tracer (torch.fx's own, torchvision's feature extraction, timm's), with no registry of
+    leaf modules to keep. A fused module traced by itself (the root) has no parent to call it:
+    its original computation is traced instead, with a warning."""
+    tracer = inputs[0].tracer
+    path = tracer.path_of_module(module)
+    if path:
+        return tracer.create_proxy("call_module", path, inputs, {})
+    warnings.warn(f"torch.fx traces {type(module).__name__} by itself: the graph holds its original computation, "
+                  "not the fused kernels (trace a model that contains it to keep it fused)", stacklevel=3)
+    return module.reference_forward(*inputs)
+
+
+class FusedModule(nn.Module):
+    """Base of the fused drop-ins and of the modules attn_kernels.patch fuses.
+
+    forward(x) runs `fused_forward`, the fused kernels, in eager mode and under torch.compile and
+    torch.export (whose graphs hold the fused ops). Under torch.fx symbolic tracing the module is
+    one call in the graph (see _traced_call). TorchScript compiles `reference_forward` instead,
+    the module's original computation in plain PyTorch ops (for a patched module, its own class's
+    forward): the fused ops choose their kernels in Python at run time, and Triton kernels run
+    only from Python, which a scripted model, made to run without Python, cannot call.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles this branch alone
+            return self.reference_forward(x)
+        if isinstance(x, fx.Proxy):
+            return _traced_call(self, x)
+        return self.fused_forward(x)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def reference_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __prepare_scriptable__(self):
+        warnings.warn(f"torch.jit.script compiles {type(self).__name__}'s original computation, not its fused "
+                      "kernels (attn_kernels.nn.FusedModule says why)", stacklevel=2)
+        return self
+
+
+class FusedSE(FusedModule):
     """Squeeze-and-Excitation, a drop-in for timm.layers.SEModule (same arguments and state_dict).
 
     y = x * gate(fc2(act(bn(fc1(mean_hw(x)))))); with add_maxpool the pooled vector is
@@ -71,7 +118,13 @@ class FusedSE(nn.Module):
     def _norm(self):
         return None if isinstance(self.bn, nn.Identity) else self.bn
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        if self.add_maxpool:
+            s = 0.5 * s + 0.5 * x.amax((2, 3), keepdim=True)
+        return x * self.gate(self.fc2(self.act(self.bn(self.fc1(s)))))
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return F.se(
             x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
             add_maxpool=self.add_maxpool, act=self.act, gate=self.gate, norm=self._norm(),
@@ -85,7 +138,7 @@ class FusedSE(nn.Module):
         return f"channels={self.fc1.in_channels}, rd_channels={self.fc1.out_channels}, add_maxpool={self.add_maxpool}"
 
 
-class FusedEffectiveSE(nn.Module):
+class FusedEffectiveSE(FusedModule):
     """Effective Squeeze-Excitation (CenterMask), a drop-in for timm.layers.EffectiveSEModule (same
     arguments and state_dict): y = x * gate(fc(mean_hw(x))), one (C, C) 1x1 conv; with add_maxpool
     the pooled vector is 0.5*mean + 0.5*max. SE's fused op without its first layer."""
@@ -106,7 +159,13 @@ class FusedEffectiveSE(nn.Module):
         self.fc = nn.Conv2d(channels, channels, kernel_size=1, padding=0, device=device, dtype=dtype)
         self.gate = create_act_layer(gate_layer, argument="gate_layer")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        if self.add_maxpool:
+            s = 0.5 * s + 0.5 * x.amax((2, 3), keepdim=True)
+        return x * self.gate(self.fc(s))
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return F.se(x, None, None, self.fc.weight, self.fc.bias, add_maxpool=self.add_maxpool, gate=self.gate)
 
     def dispatch(self, x: Tensor) -> Dispatch:
@@ -117,7 +176,7 @@ class FusedEffectiveSE(nn.Module):
         return f"channels={self.fc.in_channels}, add_maxpool={self.add_maxpool}"
 
 
-class FusedSqueezeExcite(nn.Module):
+class FusedSqueezeExcite(FusedModule):
     """The SE of timm's EfficientNet and MobileNet family, a drop-in for
     timm.models._efficientnet_blocks.SqueezeExcite (same arguments and state_dict: conv_reduce,
     conv_expand): y = x * gate(conv_expand(act1(conv_reduce(mean_hw(x))))), SE's fused op."""
@@ -145,7 +204,10 @@ class FusedSqueezeExcite(nn.Module):
         self.conv_expand = nn.Conv2d(rd_channels, in_chs, 1, bias=True, **dd)
         self.gate = create_act_layer(gate_layer, argument="gate_layer")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True)))))
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return F.se(x, self.conv_reduce.weight, self.conv_reduce.bias, self.conv_expand.weight,
                     self.conv_expand.bias, act=self.act1, gate=self.gate)
 
@@ -157,7 +219,7 @@ class FusedSqueezeExcite(nn.Module):
         return f"in_chs={self.conv_reduce.in_channels}, rd_channels={self.conv_reduce.out_channels}"
 
 
-class FusedSqueezeExcitation(nn.Module):
+class FusedSqueezeExcitation(FusedModule):
     """SE in torchvision's layout, a drop-in for torchvision.ops.SqueezeExcitation(input_channels,
     squeeze_channels, activation, scale_activation) (same state_dict: fc1, fc2):
     y = scale_activation(fc2(activation(fc1(mean_hw(x))))) * x, SE's fused op."""
@@ -172,7 +234,10 @@ class FusedSqueezeExcitation(nn.Module):
         self.activation = activation()
         self.scale_activation = scale_activation()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        return self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x))))) * x
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return F.se(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
                     act=self.activation, gate=self.scale_activation)
 
@@ -196,7 +261,7 @@ def _eca_kernel_size(channels, kernel_size, gamma, beta) -> int:
     return kernel_size
 
 
-class FusedECA(nn.Module):
+class FusedECA(FusedModule):
     """Efficient Channel Attention, a drop-in for timm.layers.EcaModule (same arguments and
     state_dict): y = x * gate(conv1d_k(mean_hw(x))) with the conv across channels, zero padded.
 
@@ -240,7 +305,13 @@ class FusedECA(nn.Module):
     def _conv2(self):
         return (self.conv2.weight, self.conv2.bias) if self.conv2 is not None else (None, None)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x.mean((2, 3)).view(x.shape[0], 1, -1))
+        if self.conv2 is not None:
+            y = self.conv2(self.act(y))
+        return x * self.gate(y).view(x.shape[0], -1, 1, 1)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return F.eca(x, self.conv.weight, self.conv.bias, *self._conv2(), act=self.act, gate=self.gate)
 
     def dispatch(self, x: Tensor) -> Dispatch:
@@ -253,7 +324,7 @@ class FusedECA(nn.Module):
         return f"kernel_size={taps.kernel_size[0]}{mlp}"
 
 
-class FusedCECA(nn.Module):
+class FusedCECA(FusedModule):
     """Circular ECA, a drop-in for timm.layers.CecaModule (same arguments and state_dict): ECA whose
     conv across channels wraps around (circular padding). As in timm, act_layer only gives the
     conv a bias; no activation is applied."""
@@ -276,7 +347,11 @@ class FusedCECA(nn.Module):
                               device=device, dtype=dtype)
         self.gate = create_act_layer(gate_layer, argument="gate_layer")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        y = nn.functional.pad(x.mean((2, 3)).view(x.shape[0], 1, -1), (self.padding, self.padding), mode="circular")
+        return x * self.gate(self.conv(y)).view(x.shape[0], -1, 1, 1)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return F.eca(x, self.conv.weight, self.conv.bias, circular=True, gate=self.gate)
 
     def dispatch(self, x: Tensor) -> Dispatch:
@@ -287,7 +362,7 @@ class FusedCECA(nn.Module):
         return f"kernel_size={self.conv.kernel_size[0]}, circular=True"
 
 
-class FusedECAOfficial(nn.Module):
+class FusedECAOfficial(FusedModule):
     """ECA in the layout of the paper's official code (BangguWu/ECANet, models/eca_module.py):
     eca_layer(channel, k_size=3), whose state_dict it loads (conv.weight, a bias-free Conv1d(1, 1,
     k_size)); the kernel size is k_size as given, not derived from channel."""
@@ -300,7 +375,11 @@ class FusedECAOfficial(nn.Module):
         self.conv = nn.Conv1d(1, 1, kernel_size=k_size, padding=(k_size - 1) // 2, bias=False,
                               device=device, dtype=dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x.mean((2, 3)).view(x.shape[0], 1, -1))
+        return x * torch.sigmoid(y).view(x.shape[0], -1, 1, 1)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return F.eca(x, self.conv.weight, None)
 
     def dispatch(self, x: Tensor) -> Dispatch:
@@ -311,7 +390,7 @@ class FusedECAOfficial(nn.Module):
         return f"k_size={self.conv.kernel_size[0]}"
 
 
-class FusedChannelAttn(nn.Module):
+class FusedChannelAttn(FusedModule):
     """CBAM's channel attention, a drop-in for timm.layers.cbam.ChannelAttn (same arguments and
     state_dict): y = x * gate(mlp(mean_hw(x)) + mlp(max_hw(x))), mlp = fc2(act(fc1(.)))."""
 
@@ -335,7 +414,12 @@ class FusedChannelAttn(nn.Module):
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, **dd)
         self.gate = create_act_layer(gate_layer, argument="gate_layer")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        mlp_avg = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
+        mlp_max = self.fc2(self.act(self.fc1(x.amax((2, 3), keepdim=True))))
+        return x * self.gate(mlp_avg + mlp_max)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return F.channel_attn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, act=self.act, gate=self.gate)
 
     def dispatch(self, x: Tensor) -> Dispatch:
@@ -385,7 +469,7 @@ def _batch_norm_arguments(bn: nn.BatchNorm2d) -> dict:
     return {**_batch_norm_tensors(bn), "bn_momentum": momentum, "bn_eps": bn.eps}
 
 
-class FusedSpatialAttn(nn.Module):
+class FusedSpatialAttn(FusedModule):
     """CBAM's spatial attention, a drop-in for timm.layers.cbam.SpatialAttn (same arguments and
     state_dict): y = x * gate(BN(conv_kxk([mean_c x, max_c x])))."""
 
@@ -394,7 +478,11 @@ class FusedSpatialAttn(nn.Module):
         self.conv = ConvBn(2, 1, kernel_size, device=device, dtype=dtype)
         self.gate = create_act_layer(gate_layer, argument="gate_layer")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        maps = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * self.gate(self.conv(maps))
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return F.cbam(x, None, None, None, None, self.conv.conv.weight, **_batch_norm_arguments(self.conv.bn), gate=self.gate)
 
     def dispatch(self, x: Tensor) -> Dispatch:
@@ -402,7 +490,7 @@ class FusedSpatialAttn(nn.Module):
         return F.cbam_dispatch(x, self.conv.conv.weight, **_batch_norm_tensors(self.conv.bn), gate=self.gate)
 
 
-class FusedCBAM(nn.Module):
+class FusedCBAM(FusedModule):
     """CBAM, a drop-in for timm.layers.cbam.CbamModule (same arguments and state_dict): channel
     attention then spatial attention, computed by one fused op that never writes the channel-gated
     activation to memory. Its parts are a FusedChannelAttn (.channel) and a FusedSpatialAttn (.spatial)."""
@@ -432,7 +520,10 @@ class FusedCBAM(nn.Module):
         # One op applies one gate formula to both attentions; different gates run the parts apart.
         return kernel_activation_name(self.channel.gate) == kernel_activation_name(self.spatial.gate)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        return self.spatial(self.channel(x))
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         if not self._fusable():
             return self.spatial(self.channel(x))
         ch = self.channel
@@ -455,7 +546,11 @@ class FusedLightChannelAttn(FusedChannelAttn):
     (same arguments and state_dict): y = x * sigmoid(mlp(0.5 * mean_hw(x) + 0.5 * max_hw(x))). As in
     timm, the gate is the sigmoid whatever gate_layer says."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        pooled = 0.5 * x.mean((2, 3), keepdim=True) + 0.5 * x.amax((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.fc2(self.act(self.fc1(pooled))))
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return F.channel_attn(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias, pool="mix",
                               act=self.act)
 
@@ -471,7 +566,7 @@ def _light_conv_weight(weight: Tensor) -> Tensor:
     return torch.cat([half, half], dim=1)
 
 
-class FusedLightSpatialAttn(nn.Module):
+class FusedLightSpatialAttn(FusedModule):
     """The spatial half of timm's LightCbamModule, a drop-in for timm.layers.cbam.LightSpatialAttn
     (same arguments and state_dict): y = x * gate(BN(conv_kxk(0.5 * mean_c x + 0.5 * max_c x)))."""
 
@@ -480,7 +575,11 @@ class FusedLightSpatialAttn(nn.Module):
         self.conv = ConvBn(1, 1, kernel_size, device=device, dtype=dtype)
         self.gate = create_act_layer(gate_layer, argument="gate_layer")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        pooled = 0.5 * x.mean(dim=1, keepdim=True) + 0.5 * x.amax(dim=1, keepdim=True)
+        return x * self.gate(self.conv(pooled))
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return F.cbam(x, None, None, None, None, _light_conv_weight(self.conv.conv.weight),
                       **_batch_norm_arguments(self.conv.bn), gate=self.gate)
 
@@ -490,7 +589,7 @@ class FusedLightSpatialAttn(nn.Module):
                                gate=self.gate)
 
 
-class FusedLightCBAM(nn.Module):
+class FusedLightCBAM(FusedModule):
     """timm's 'lightweight' CBAM, a drop-in for timm.layers.cbam.LightCbamModule (same arguments and
     state_dict): FusedLightChannelAttn (.channel) then FusedLightSpatialAttn (.spatial), one fused op
     that pools 0.5 * mean + 0.5 * max on both sides. As in timm, gate_layer reaches neither half:
@@ -521,7 +620,10 @@ class FusedLightCBAM(nn.Module):
         # One op applies one gate formula to both halves, and the channel half's is the sigmoid.
         return kernel_activation_name(self.spatial.gate) == "sigmoid"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        return self.spatial(self.channel(x))
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         if not self._fusable():
             return self.spatial(self.channel(x))
         ch, conv = self.channel, self.spatial.conv
@@ -552,7 +654,7 @@ def _official_conv_weight(spatial_gate: nn.Module) -> Tensor:
     return spatial_gate.spatial.conv.weight.flip(1)
 
 
-class _OfficialChannelGate(nn.Module):
+class _OfficialChannelGate(FusedModule):
     def __init__(self, gate_channels: int, reduction_ratio: int, pool_types, **dd):
         super().__init__()
         self.gate_channels = gate_channels
@@ -564,7 +666,14 @@ class _OfficialChannelGate(nn.Module):
         )
         self.pool_types = list(pool_types)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        logits = x.new_zeros((x.shape[0], x.shape[1]))
+        for pool_type in self.pool_types:
+            pooled = x.mean((2, 3), keepdim=True) if pool_type == "avg" else x.amax((2, 3), keepdim=True)
+            logits = logits + self.mlp(pooled)
+        return x * torch.sigmoid(logits)[:, :, None, None]
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         fc1, fc2 = self.mlp[1], self.mlp[3]
         return F.channel_attn(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, pool=_official_pool(self))
 
@@ -572,19 +681,23 @@ class _OfficialChannelGate(nn.Module):
         return F.gate_dispatch(x)
 
 
-class _OfficialSpatialGate(nn.Module):
+class _OfficialSpatialGate(FusedModule):
     def __init__(self, **dd):
         super().__init__()
         self.spatial = ConvBn(2, 1, 7, bn_momentum=0.01, **dd)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        maps = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial(maps))
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return F.cbam(x, None, None, None, None, _official_conv_weight(self), **_batch_norm_arguments(self.spatial.bn))
 
     def dispatch(self, x: Tensor) -> Dispatch:
         return F.cbam_dispatch(x, _official_conv_weight(self), **_batch_norm_tensors(self.spatial.bn))
 
 
-class FusedCBAMOfficial(nn.Module):
+class FusedCBAMOfficial(FusedModule):
     """CBAM in the layout of the paper's official code (Jongchan/attention-module, MODELS/cbam.py):
     CBAM(gate_channels, reduction_ratio=16, pool_types=['avg', 'max'], no_spatial=False), whose
     state_dict it loads (ChannelGate.mlp.1/3 linear layers with bias, SpatialGate.spatial.conv/bn).
@@ -609,7 +722,13 @@ class FusedCBAMOfficial(nn.Module):
         if not no_spatial:
             self.SpatialGate = _OfficialSpatialGate(**dd)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        x = self.ChannelGate(x)
+        if hasattr(self, "SpatialGate"):  # no_spatial leaves it out
+            x = self.SpatialGate(x)
+        return x
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         fc1, fc2 = self.ChannelGate.mlp[1], self.ChannelGate.mlp[3]
         pool = _official_pool(self.ChannelGate)
         if self.no_spatial:
@@ -659,7 +778,7 @@ def _conv_mlp_weights(mlp: Optional[nn.Module]):
     return [mlp.fc1.weight, mlp.fc1.bias, mlp.norm.weight, mlp.norm.bias, mlp.fc2.weight, mlp.fc2.bias]
 
 
-class FusedGC(nn.Module):
+class FusedGC(FusedModule):
     """Global context attention (GCNet), a drop-in for timm.layers.GlobalContext (same arguments
     and state_dict): context = attention pooling of x (softmax over H*W of conv_attn(x)), or its
     mean without use_attn; y = x * gate(mlp_scale(context)) (fuse_scale) + mlp_add(context) (fuse_add).
@@ -716,7 +835,20 @@ class FusedGC(nn.Module):
             "gate": self.gate,
         }
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        if self.conv_attn is not None:
+            attn = torch.softmax(self.conv_attn(x).reshape(B, 1, H * W), dim=-1).unsqueeze(3)
+            context = (x.reshape(B, C, H * W).unsqueeze(1) @ attn).view(B, C, 1, 1)
+        else:
+            context = x.mean(dim=(2, 3), keepdim=True)
+        if self.mlp_scale is not None:
+            x = x * self.gate(self.mlp_scale(context))
+        if self.mlp_add is not None:
+            x = x + self.mlp_add(context)
+        return x
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return F.gc(
             x, **self._arguments(),
             scale_eps=self.mlp_scale.norm.eps if self.mlp_scale is not None else 1e-6,
@@ -750,7 +882,7 @@ def _transform_weights(seq: Optional[nn.Sequential]):
     return [seq[0].weight, seq[0].bias, seq[1].weight, seq[1].bias, seq[3].weight, seq[3].bias]
 
 
-class FusedContextBlock(nn.Module):
+class FusedContextBlock(FusedModule):
     """GCNet's context block in mmcv's layout, a drop-in for mmcv.cnn.ContextBlock(in_channels,
     ratio, pooling_type='att', fusion_types=('channel_add',)) whose state_dict it loads
     (conv_mask, channel_add_conv.0/1/3, channel_mul_conv.0/1/3; LayerNorm over [planes, 1, 1],
@@ -800,7 +932,21 @@ class FusedContextBlock(nn.Module):
             "add_weights": _transform_weights(self.channel_add_conv),
         }
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        B, C, H, W = x.shape
+        if hasattr(self, "conv_mask"):  # pooling_type 'att'
+            attn = torch.softmax(self.conv_mask(x).view(B, 1, H * W), dim=2).unsqueeze(-1)
+            context = torch.matmul(x.view(B, C, H * W).unsqueeze(1), attn).view(B, C, 1, 1)
+        else:
+            context = x.mean((2, 3), keepdim=True)
+        out = x
+        if self.channel_mul_conv is not None:
+            out = out * torch.sigmoid(self.channel_mul_conv(context))
+        if self.channel_add_conv is not None:
+            out = out + self.channel_add_conv(context)
+        return out
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         eps = {f"{name}_eps": seq[1].eps for name, seq in (("scale", self.channel_mul_conv), ("add", self.channel_add_conv))
                if seq is not None}
         return F.gc(x, **self._arguments(), **eps)
@@ -816,7 +962,7 @@ class FusedContextBlock(nn.Module):
 
 # --- Selective Kernel -------------------------------------------------------------------------
 
-class FusedSelectiveKernelAttn(nn.Module):
+class FusedSelectiveKernelAttn(FusedModule):
     """Selective Kernel attention, a drop-in for timm.layers.SelectiveKernelAttn (same arguments
     and state_dict): the path weights softmax_p(fc_select(act(bn(fc_reduce(mean_hw(sum_p x)))))),
     (B, P, C, 1, 1), of stacked paths x (B, P, C, H, W).
@@ -837,7 +983,12 @@ class FusedSelectiveKernelAttn(nn.Module):
         self.act = create_act_layer(act_layer, inplace=True, argument="act_layer")
         self.fc_select = nn.Conv2d(attn_channels, channels * num_paths, kernel_size=1, bias=False, **dd)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        s = self.fc_select(self.act(self.bn(self.fc_reduce(x.sum(1).mean((2, 3), keepdim=True)))))
+        B, PC, H, W = s.shape
+        return torch.softmax(s.view(B, self.num_paths, PC // self.num_paths, H, W), dim=1)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor) or x.dim() != 5 or x.shape[1] != self.num_paths:
             raise ValueError(f"x must be the stacked paths (B, {self.num_paths}, C, H, W), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
@@ -850,7 +1001,7 @@ class FusedSelectiveKernelAttn(nn.Module):
         return f"channels={self.fc_reduce.in_channels}, num_paths={self.num_paths}, attn_channels={self.fc_reduce.out_channels}"
 
 
-class FusedSelectiveKernel(nn.Module):
+class FusedSelectiveKernel(FusedModule):
     """Selective Kernel convolution, a drop-in for timm.layers.SelectiveKernel (same arguments and
     state_dict; its branches are timm's ConvNormAct, so timm must be installed).
 
@@ -917,7 +1068,16 @@ class FusedSelectiveKernel(nn.Module):
             return [op(x_split[i]) for i, op in enumerate(self.paths)]
         return [op(x) for op in self.paths]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        if self.split_input:
+            x_split = torch.split(x, self.in_channels // self.num_paths, 1)
+            x_paths = [op(x_split[i]) for i, op in enumerate(self.paths)]
+        else:
+            x_paths = [op(x) for op in self.paths]
+        x = torch.stack(x_paths, dim=1)
+        return torch.sum(x * self.attn(x), dim=1)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         attn = self.attn
         return F.selective_kernel(self._branches(x), attn.fc_reduce.weight, attn.fc_select.weight,
                                   **_batch_norm_arguments(attn.bn), act=attn.act)
@@ -936,7 +1096,7 @@ class FusedSelectiveKernel(nn.Module):
 
 # --- YOLOv4 SAM and Residual Attention --------------------------------------------------------
 
-class FusedSAM(nn.Module):
+class FusedSAM(FusedModule):
     """YOLOv4's spatial attention module: y = x * sigmoid(conv(x)), the conv through cuDNN, the
     sigmoid and the product fused (attn_kernels/ops/sigmoid_gate.py).
 
@@ -956,7 +1116,10 @@ class FusedSAM(nn.Module):
         self.conv = nn.Conv2d(channels, 1 if spatial else channels, k, padding=k // 2, bias=bias,
                               device=device, dtype=dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.conv(x))
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         return F.sam(x, self.conv(x))
 
     def dispatch(self, x: Tensor) -> Dispatch:
@@ -967,12 +1130,22 @@ class FusedSAM(nn.Module):
         return f"channels={self.conv.in_channels}, spatial={self.spatial}, kernel_size={self.conv.kernel_size[0]}"
 
 
-class FusedResidualAttention(nn.Module):
+class FusedResidualAttention(FusedModule):
     """Residual Attention Network's combination of its trunk and mask branches, (1 + M) * T with
     M = sigmoid(mask_logits): give it the mask branch's output before its final nn.Sigmoid, and
     the sigmoid, the 1 + and the product run as one fused op. No parameters."""
 
     def forward(self, trunk: Tensor, mask_logits: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self.reference_forward(trunk, mask_logits)
+        if isinstance(trunk, fx.Proxy) or isinstance(mask_logits, fx.Proxy):
+            return _traced_call(self, trunk, mask_logits)
+        return self.fused_forward(trunk, mask_logits)
+
+    def reference_forward(self, trunk: Tensor, mask_logits: Tensor) -> Tensor:
+        return (1 + torch.sigmoid(mask_logits)) * trunk
+
+    def fused_forward(self, trunk: Tensor, mask_logits: Tensor) -> Tensor:
         return F.residual_attention(trunk, mask_logits)
 
     def dispatch(self, trunk: Tensor, mask_logits: Tensor) -> Dispatch:
@@ -982,7 +1155,7 @@ class FusedResidualAttention(nn.Module):
 
 # --- Non-local ----------------------------------------------------------------------------------
 
-class FusedNonLocalAttn(nn.Module):
+class FusedNonLocalAttn(FusedModule):
     """The non-local block, a drop-in for timm.layers.NonLocalAttn (same arguments and state_dict):
     y = x + norm(z(softmax(scale * t(x)^T p(x)) g(x))), scale = in_channels^-0.5 with use_scale.
     The attention runs through scaled_dot_product_attention (functional.non_local), so the
@@ -1011,7 +1184,14 @@ class FusedNonLocalAttn(nn.Module):
         nn.init.constant_(self.norm.weight, 0)
         nn.init.constant_(self.norm.bias, 0)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        t, p, g = self.t(x), self.p(x), self.g(x)
+        B, C, H, W = t.shape
+        att = torch.bmm(t.view(B, C, -1).permute(0, 2, 1), p.view(B, C, -1)) * self.scale
+        y = torch.bmm(torch.softmax(att, dim=2), g.view(B, C, -1).permute(0, 2, 1))
+        return self.norm(self.z(y.permute(0, 2, 1).reshape(B, C, H, W))) + x
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         y = F.non_local(x, self.t.weight, self.t.bias, self.p.weight, self.p.bias, self.g.weight, self.g.bias,
                         scale=self.scale)
         return self.norm(self.z(y)) + x
@@ -1045,16 +1225,22 @@ class MMCVConvModule(nn.Module):
             self.norm_name, make = _MMCV_NORMS[kind]
             self.add_module(self.norm_name, make(out_channels, norm_cfg))
 
+    __jit_unused_properties__ = ["norm"]  # TorchScript cannot getattr by a name held in an attribute
+
     @property
     def norm(self) -> Optional[nn.Module]:
         return getattr(self, self.norm_name) if self.norm_name else None
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.conv(x)
-        return self.norm(x) if self.norm_name else x
+        if hasattr(self, "bn"):  # hasattr: a check TorchScript resolves when it compiles
+            x = self.bn(x)
+        elif hasattr(self, "gn"):
+            x = self.gn(x)
+        return x
 
 
-class FusedNonLocal2d(nn.Module):
+class FusedNonLocal2d(FusedModule):
     """mmcv's NonLocal2d in 'embedded_gaussian' mode, a drop-in (same arguments and state_dict:
     g.conv, conv_out.conv (and conv_out.bn / .gn with norm_cfg), theta.conv, phi.conv; g.0.conv and
     phi.0.conv with sub_sample): y = x + conv_out(softmax(theta(x)^T phi(x) / sqrt(R)) g(x)).
@@ -1104,7 +1290,17 @@ class FusedNonLocal2d(nn.Module):
             return m[0].conv if isinstance(m, nn.Sequential) else m.conv
         return conv(self.theta), conv(self.phi), conv(self.g)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        n, r = x.shape[0], self.inter_channels
+        g = self.g(x).view(n, r, -1).permute(0, 2, 1)
+        theta = self.theta(x).view(n, r, -1).permute(0, 2, 1)
+        pairwise = torch.matmul(theta, self.phi(x).view(n, r, -1))
+        if self.use_scale:
+            pairwise = pairwise / theta.shape[-1] ** 0.5
+        y = torch.matmul(pairwise.softmax(dim=-1), g).permute(0, 2, 1).reshape(n, r, x.shape[2], x.shape[3])
+        return x + self.conv_out(y)
+
+    def fused_forward(self, x: Tensor) -> Tensor:
         theta, phi, g = self._convs()
         scale = self.inter_channels ** -0.5 if self.use_scale else 1.0
         y = F.non_local(x, theta.weight, theta.bias, phi.weight, phi.bias, g.weight, g.bias, scale=scale,

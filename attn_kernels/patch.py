@@ -10,6 +10,9 @@ order); only its class changes, to a subclass of both the fused drop-in of attn_
 forward and dispatch run) and its own class (so isinstance checks still hold). unpatch sets the
 original class back. Nothing is copied or re-registered: optimizers, EMA copies and anything else
 holding the parameters stay valid. A patched model pickles (torch.save) and deep-copies as patched.
+torch.fx records a patched module as one call, torch.export as the fused op, and TorchScript
+compiles its original class's forward (attn_kernels.nn.FusedModule says why). Patch before tracing:
+torch.fx inlines an unpatched module into its graph, where patch() cannot reach it.
 
 Recognized, by class (that class, or a subclass that keeps its forward):
     timm SEModule, EffectiveSEModule, SqueezeExcite (EfficientNet, MobileNet), EcaModule,
@@ -24,9 +27,11 @@ A recognized module whose configuration has no fused formula (say, a GELU(approx
 activation, or a norm layer inside SE) is left alone, with the reason in the report: patched, it
 would only run the reference.
 """
+import warnings
+from types import FunctionType
 from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 
-from torch import nn
+from torch import fx, nn
 
 from . import nn as fused_nn
 from .activations import kernel_activation_name
@@ -257,13 +262,24 @@ class _Patched:
 _PATCHED_CLASSES: Dict[Tuple[type, type], type] = {}
 
 
+def _as_method(function: FunctionType, name: str) -> FunctionType:
+    """`function` under another name. TorchScript compiles a method under its function's name, and
+    the original forward becomes the patched class's reference_forward (attn_kernels.nn.FusedModule)."""
+    renamed = FunctionType(function.__code__, function.__globals__, name, function.__defaults__, function.__closure__)
+    renamed.__module__, renamed.__qualname__ = function.__module__, function.__qualname__
+    renamed.__annotations__ = dict(function.__annotations__)
+    return renamed
+
+
 def _patched_class(original: type, fused: type) -> type:
-    """The class of a patched `original`: the fused forward first, then the original class."""
+    """The class of a patched `original`: the fused forward first, then the original class. Its
+    reference_forward, what TorchScript compiles, is the original class's own forward."""
     key = (original, fused)
     if key not in _PATCHED_CLASSES:
         _PATCHED_CLASSES[key] = type(
             f"Fused{original.__name__}", (_Patched, fused, original),
-            {"__module__": __name__, "_attn_kernels_original": original, "_attn_kernels_fused": fused},
+            {"__module__": __name__, "_attn_kernels_original": original, "_attn_kernels_fused": fused,
+             "reference_forward": _as_method(original.forward, "reference_forward")},
         )
     return _PATCHED_CLASSES[key]
 
@@ -356,12 +372,35 @@ def _walk(module: nn.Module, name: str = "") -> Iterator[Tuple[str, nn.Module, _
         yield from _walk(child, f"{name}.{child_name}" if name else child_name)
 
 
+_TRACED_THROUGH = ("traced through by torch.fx: its operations are inlined in the GraphModule's graph, "
+                   "out of patch()'s reach (patch the model before tracing it)")
+
+
+def _traced_through(model: fx.GraphModule) -> Iterator[PatchEntry]:
+    """The attention modules torch.fx traced through when it built `model`: the graph keeps their
+    names and classes in each node's nn_module_stack, but no module to patch. A module the graph
+    calls (a call_module node: a leaf, or a fused module) is not traced through."""
+    called = {node.target for node in model.graph.nodes if node.op == "call_module"}
+    seen = {}
+    for node in model.graph.nodes:
+        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            if path not in called and isinstance(cls, type):
+                seen.setdefault(path, cls)
+    for path, cls in seen.items():
+        if _rule_for(cls) != (None, None) or cls.__name__ in _BY_NAME:
+            yield PatchEntry(path, _full_name(cls), "left alone", _TRACED_THROUGH)
+
+
 def patch_report(model: nn.Module) -> PatchReport:
-    """Every attention module of `model`: patched, patchable, or left alone (and why)."""
+    """Every attention module of `model`: patched, patchable, or left alone (and why). For a
+    torch.fx.GraphModule, also those that tracing inlined into its graph."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return PatchReport(tuple(PatchEntry(name, _full_name(getattr(m, "_attn_kernels_original", type(m))),
-                                        v.status, v.detail) for name, m, v in _walk(model)))
+    entries = [PatchEntry(name, _full_name(getattr(m, "_attn_kernels_original", type(m))), v.status, v.detail)
+               for name, m, v in _walk(model)]
+    if isinstance(model, fx.GraphModule):
+        entries += _traced_through(model)
+    return PatchReport(tuple(entries))
 
 
 def patch(model: nn.Module, *, verbose: bool = False) -> nn.Module:
@@ -374,6 +413,13 @@ def patch(model: nn.Module, *, verbose: bool = False) -> nn.Module:
             m.__class__ = _patched_class(type(m), verdict.fused)
     if verbose:
         print(patch_report(model))
+    if isinstance(model, fx.GraphModule):
+        inlined = list(_traced_through(model))
+        if inlined:
+            patched = len(patch_report(model).with_status("patched"))
+            warnings.warn(f"attn_kernels.patch: {len(inlined)} attention modules of this GraphModule were {_TRACED_THROUGH} "
+                          f"({', '.join(e.name for e in inlined[:3])}{', ...' if len(inlined) > 3 else ''}); "
+                          f"{patched} of its modules are patched", stacklevel=2)
     return model
 
 

@@ -13,6 +13,12 @@ timm_layers = pytest.importorskip("timm.layers")
 EPS = {torch.float64: 1e-13, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
+# gradcheck's fast mode (a random projection of the Jacobian, which a wrong gradient fails as
+# surely) where the kernels run interpreted or emulated on the CPU, one launch per Jacobian column
+# otherwise; the full Jacobian on a GPU.
+FAST_GRADCHECK = not torch.cuda.is_available()
+
+
 def make_x(shape, dtype=torch.float32, device="cpu", layout="nchw", kind="normal", seed=0):
     """An activation of `shape` in the given layout. kinds with ties in the max: 'relu' (post-ReLU
     zeros), 'quantized' (few distinct values), 'zero_planes' (whole (n, c) planes of zeros)."""

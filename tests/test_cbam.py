@@ -11,8 +11,8 @@ import attn_kernels
 from attn_kernels import functional as F
 from attn_kernels.ops.cbam import cbam_backward, cbam_forward
 from helpers import (
-    block_args, check_against_rewrite, check_compiles_without_graph_break, check_kernel_against_reference, make_pair,
-    make_x, run, saved_for_backward,
+    FAST_GRADCHECK, block_args, check_against_rewrite, check_compiles_without_graph_break,
+    check_kernel_against_reference, make_pair, make_x, run, saved_for_backward,
 )
 
 BLOCKS = ["channel_attn", "spatial_attn", "cbam"]
@@ -102,10 +102,7 @@ def test_gradcheck_float64(channel, train, kernel_backend):
 
     with attn_kernels.use_backend(kernel_backend):
         assert F.cbam_dispatch(x, conv, *stats, bn_w, bn_b, bn_training=train).backend == kernel_backend
-        # fast_mode (a random projection of the Jacobian) on the emulated CUDA kernels, which
-        # are slow on CPU; the full Jacobian on Triton's.
-        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5,
-                                        fast_mode=kernel_backend == "cuda" and not torch.cuda.is_available())
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, fast_mode=FAST_GRADCHECK)
 
 
 def op_args(backend, channel, train, device):

@@ -11,8 +11,8 @@ import attn_kernels
 from attn_kernels import functional as F
 from attn_kernels.ops.channel_gate import channel_gate_backward, channel_gate_forward
 from helpers import (
-    check_compiles_without_graph_break, check_kernel_against_reference, make_pair, make_x, run, saved_for_backward,
-    timm_layers,
+    FAST_GRADCHECK, check_compiles_without_graph_break, check_kernel_against_reference, make_pair, make_x, run,
+    saved_for_backward, timm_layers,
 )
 
 # (description, shape, SE constructor kwargs, x kind): small shapes for the interpreter.
@@ -132,7 +132,7 @@ def test_gradcheck_float64(add_maxpool, layout, kernel_backend):
 
     with attn_kernels.use_backend(kernel_backend):
         assert F.gate_dispatch(x, act="silu").backend == kernel_backend
-        assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5)
+        assert torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, fast_mode=FAST_GRADCHECK)
 
 
 def op_args(backend="triton", pool="mix", device="cpu"):

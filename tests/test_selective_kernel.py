@@ -12,7 +12,7 @@ import torch
 import attn_kernels
 from attn_kernels import functional as F
 from attn_kernels.ops.selective_kernel import selective_kernel_backward, selective_kernel_forward
-from helpers import assert_close_to_reference, make_x, randomized, timm_layers
+from helpers import FAST_GRADCHECK, assert_close_to_reference, make_x, randomized, timm_layers
 
 LAYOUTS = ["nchw", "channels_last"]
 
@@ -168,7 +168,7 @@ def test_gradcheck_float64():
         with attn_kernels.use_backend("triton"):
             return F.selective_kernel(list(t[:3]), t[3], t[6], None, None, t[4], t[5], bn_training=True)
 
-    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=FAST_GRADCHECK)
 
 
 def test_compile_fullgraph_has_no_graph_break():
