@@ -352,12 +352,14 @@ DROP_INS = {
     "FusedContextBlock": lambda: fused_nn.FusedContextBlock(C, 1 / 4),
     "FusedContextBlock avg mul+add": lambda: fused_nn.FusedContextBlock(C, 1 / 4, "avg", ["channel_mul", "channel_add"]),
     "FusedSelectiveKernel": lambda: fused_nn.FusedSelectiveKernel(C),
+    "FusedSelectiveKernelAttn": lambda: fused_nn.FusedSelectiveKernelAttn(C),
     "FusedSAM": lambda: fused_nn.FusedSAM(C),
     "FusedSAM spatial": lambda: fused_nn.FusedSAM(C, spatial=True),
     "FusedNonLocalAttn": lambda: fused_nn.FusedNonLocalAttn(C),
     "FusedNonLocal2d": lambda: fused_nn.FusedNonLocal2d(C),
     "FusedNonLocal2d sub_sample BN": lambda: fused_nn.FusedNonLocal2d(C, sub_sample=True, norm_cfg={"type": "BN"}),
 }
+INPUT_SHAPES = {"FusedSelectiveKernelAttn": (2, 2, C, 6, 6)}  # the stacked paths; (2, C, 6, 6) for the others
 
 
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
@@ -367,7 +369,7 @@ def test_drop_in_scripts_and_traces(name, train):
     computes what its fused forward does, BatchNorm statistics included."""
     torch.manual_seed(0)
     module = randomized(DROP_INS[name]()).double().train(train)
-    x = make_x((2, C, 6, 6), dtype=torch.float64, seed=1)
+    x = make_x(INPUT_SHAPES.get(name, (2, C, 6, 6)), dtype=torch.float64, seed=1)
     expected = copy.deepcopy(module)(x)
     assert_same(scripted(copy.deepcopy(module))(x), expected)
     with pytest.warns(UserWarning, match="traces .* by itself"):
