@@ -672,8 +672,8 @@ registers * threads * 2 <= 65536 (two blocks of the launched size fit an SM's re
 Shared memory: Triton's dynamic shared memory per launch; for CUDA, ptxas's static shared memory
 (attention_pool.cu's kernels also take a dynamic tile at launch, not counted here).
 The specializations are those of the tests' shapes, which are small: real model widths may not be
-among them (e.g. GC's attention-pool backward at ResNet-50's C = 256..2048, known to spill
-kilobytes per thread).
+among them (GC's attention pool at ResNet-50's C = 256..2048, measured apart: tile_warps in
+attn_kernels/triton/attention_pool.py gives the figures).
 
 """
 
