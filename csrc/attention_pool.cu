@@ -6,8 +6,11 @@
 //       context[n,c] = sum_p a[n,p] x[n,c,p],  lse[n] = logsumexp over p of l
 //   attention_pool_backward(dy, x, gate, context, dcontext, weight, bias, lse) -> (dx, dweight)
 //                                                                 one read of dy and x, one write
-//       dx = dy*gate[n,c] + a*(dcontext[n,c] + (u - k[n])*weight[c]),  dweight[c] = sum_n,p dl*x
-//       with u = sum_c dcontext*x per pixel, k[n] = sum_c dcontext*context, dl = a*(u - k)
+//       dx = dy*gate[n,c] + a*dcontext[n,c] + dl*weight[c],  dweight[c] = sum_n,p dl*x
+//       with dl = a * sum_c dcontext[n,c]*(x[n,c,p] - context[n,c]) per pixel: the logits' gradient
+//       a*(u - k), u = sum_c dcontext*x and k = sum_c dcontext*context, with the difference taken
+//       before the sum. Where the softmax is peaked, context is close to the dominant pixel and u - k
+//       is a small difference of two large sums: rounded apart, it lost up to half of its bits.
 //
 // One block per (n, split of H*W). Each step stages a tile of x (P pixels, all C channels) in
 // shared memory: one read of x from DRAM serves both the logits (a reduction over C per pixel,
@@ -72,6 +75,14 @@ template <typename acc_t, typename TilePtr, typename VectorPtr>
 __device__ __forceinline__ acc_t pixel_dot(TilePtr tile_p, VectorPtr v, int64_t C, int lane) {
   acc_t sum = 0;
   for (int c = lane; c < C; c += 32) sum += static_cast<acc_t>(tile_p[c]) * v[c];
+  return warp_sum(sum);
+}
+
+// sum_c v[c] * (tile_p[c] - center[c]) over one pixel's channels, on the calling warp.
+template <typename acc_t, typename TilePtr, typename VectorPtr>
+__device__ __forceinline__ acc_t pixel_centered_dot(TilePtr tile_p, VectorPtr center, VectorPtr v, int64_t C, int lane) {
+  acc_t sum = 0;
+  for (int c = lane; c < C; c += 32) sum += (static_cast<acc_t>(tile_p[c]) - center[c]) * v[c];
   return warp_sum(sum);
 }
 
@@ -144,7 +155,7 @@ __global__ void __launch_bounds__(kThreads) attention_pool_kernel(
 template <typename scalar_t, typename acc_t, bool kHasGate>
 __global__ void __launch_bounds__(kThreads) attention_pool_backward_kernel(
     dev_ptr<const scalar_t> dy, dev_ptr<const scalar_t> x, dev_ptr<const acc_t> gate, dev_ptr<const acc_t> dcontext,
-    dev_ptr<const acc_t> weight, dev_ptr<const acc_t> bias, dev_ptr<const acc_t> lse, dev_ptr<const acc_t> k_dot,
+    dev_ptr<const acc_t> weight, dev_ptr<const acc_t> bias, dev_ptr<const acc_t> lse, dev_ptr<const acc_t> context,
     dev_ptr<scalar_t> dx, dev_ptr<acc_t> part_dweight, int64_t N, int64_t C, int64_t HW, int64_t hw_per_split,
     int tile_pixels, bool nhwc) {
   AK_DYNAMIC_SHARED(scalar_t, tile);
@@ -154,8 +165,8 @@ __global__ void __launch_bounds__(kThreads) attention_pool_backward_kernel(
   const int64_t n = blockIdx.x, split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t begin = split * hw_per_split, end = min(HW, begin + hw_per_split);
-  const acc_t b = bias[0], lse_n = lse[n], k_n = k_dot[n];
-  const auto dctx = dcontext + n * C;
+  const acc_t b = bias[0], lse_n = lse[n];
+  const auto dctx = dcontext + n * C, ctx = context + n * C;
   const auto g = gate + (kHasGate ? n * C : 0);  // null without a gate
 
   acc_t dw[kChannelsPerThread];
@@ -167,11 +178,11 @@ __global__ void __launch_bounds__(kThreads) attention_pool_backward_kernel(
     load_tile(tile, x, pixels, n, hw0, C, HW, nhwc);
     for (int p = warp; p < pixels; p += kWarps) {
       const acc_t l = pixel_dot<acc_t>(tile + p * C, weight, C, lane) + b;
-      const acc_t u = pixel_dot<acc_t>(tile + p * C, dctx, C, lane);
+      const acc_t u_minus_k = pixel_centered_dot<acc_t>(tile + p * C, ctx, dctx, C, lane);
       if (lane == 0) {
         const acc_t a = exp_acc(l - lse_n);
         attn[p] = a;
-        dlogits[p] = a * (u - k_n);
+        dlogits[p] = a * u_minus_k;
       }
     }
     __syncthreads();
@@ -281,7 +292,6 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward(const at::Tensor& dy,
   at::Tensor dx = at::empty_like(dy);
   if (x.numel() == 0) return {dx, at::zeros({C}, weight.options())};
 
-  const at::Tensor k_dot = (dcontext * context).sum(1);
   const Plan plan = plan_for(x);
   at::Tensor part_dweight = at::empty({plan.splits, N, C}, weight.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
@@ -293,7 +303,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward(const at::Tensor& dy,
           device_ptr<const acc_t>(gate.has_value() ? &*gate : nullptr, "gate"),
           device_ptr<const acc_t>(dcontext, "dcontext"), device_ptr<const acc_t>(weight, "weight"),
           device_ptr<const acc_t>(bias, "bias"), device_ptr<const acc_t>(lse, "lse"),
-          device_ptr<const acc_t>(k_dot, "k_dot"), device_ptr<scalar_t>(dx, "dx"),
+          device_ptr<const acc_t>(context, "context"), device_ptr<scalar_t>(dx, "dx"),
           device_ptr<acc_t>(part_dweight, "part_dweight"), N, C, HW, plan.per_split, plan.tile_pixels,
           layout == Layout::kNHWC);
     };

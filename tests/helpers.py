@@ -78,12 +78,15 @@ def randomized(module):
     return module
 
 
-def make_pair(block, *args, dtype=torch.float32, device="cpu", seed=0, train=True, **kwargs):
+def make_pair(block, *args, dtype=torch.float32, device="cpu", seed=0, train=True, init=None, **kwargs):
     """timm's module and its drop-in holding the same random, non-trivial parameters and BN
-    statistics, both in train or eval mode."""
+    statistics (then `init(module)`, when given), both in train or eval mode."""
     make_eager, make_fused = BLOCKS[block]
     torch.manual_seed(seed)
-    eager = randomized(make_eager(*args, **kwargs)).to(device=device, dtype=dtype).train(train)
+    eager = randomized(make_eager(*args, **kwargs))
+    if init is not None:
+        init(eager)
+    eager = eager.to(device=device, dtype=dtype).train(train)
     fused = make_fused(*args, **kwargs).to(device=device, dtype=dtype).train(train)
     fused.load_state_dict(eager.state_dict(), strict=True)
     return eager, fused
@@ -104,11 +107,11 @@ def run(module, x, dy, backend=None):
     return y.detach(), x.grad, state
 
 
-def check_kernel_against_reference(backend, x, block="se", kwargs=None, train=True):
+def check_kernel_against_reference(backend, x, block="se", kwargs=None, train=True, init=None):
     """Kernel output, gradients and updated BN statistics vs a float64 reference, within twice
-    eager PyTorch's error at x's dtype."""
+    eager PyTorch's error at x's dtype (parameters as make_pair draws them, `init` after)."""
     eager, fused = make_pair(block, *block_args(block, x.shape[1]), dtype=x.dtype, device=x.device, train=train,
-                             **(kwargs or {}))
+                             init=init, **(kwargs or {}))
     eager64 = copy.deepcopy(eager).double()  # the same (rounded) parameters, computed in float64
     dy = make_x(tuple(x.shape), x.dtype, x.device, seed=1)
     if not x.is_contiguous():

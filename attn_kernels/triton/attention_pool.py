@@ -6,9 +6,12 @@
       lse[n] = logsumexp_p l[n,p] (backward recomputes a from it)
   attention_pool_backward(dy, x, gate, context, dcontext, weight, bias, lse) -> (dx, dweight)
                                                                   one read of dy and x, one write
-      dx = dy * gate[n,c] + a * (dcontext[n,c] + (u - k[n]) * weight[c]),  dweight[c] = sum_n,p dl * x
-      with u[n,p] = sum_c dcontext[n,c] x[n,c,p], k[n] = sum_c dcontext*context, dl = a * (u - k):
-      the backward of y = x * gate + t(context) through the pooling (gate None means 1).
+      dx = dy * gate[n,c] + a * dcontext[n,c] + dl * weight[c],  dweight[c] = sum_n,p dl * x
+      with dl[n,p] = a * sum_c dcontext[n,c] (x[n,c,p] - context[n,c]): the backward of
+      y = x * gate + t(context) through the pooling (gate None means 1). dl is a * (u - k), u =
+      sum_c dcontext x and k = sum_c dcontext context, with the difference taken before the sum:
+      where the softmax is peaked, u - k is a small difference of two large sums, which rounded
+      apart lost up to half of its bits.
 
 A program holds all C channels of a tile of pixels in registers, so that the logits (a reduction
 over C) and the weighted sum (a reduction over H*W) come from one read: a float32 online softmax
@@ -123,7 +126,7 @@ def combine_splits(partial, part_max, part_sum):
 
 @triton.jit
 def _backward_kernel(
-    dy_ptr, x_ptr, gate_ptr, dctx_ptr, w_ptr, b_ptr, lse_ptr, k_ptr, dx_ptr, dw_ptr,
+    dy_ptr, x_ptr, gate_ptr, ctx_ptr, dctx_ptr, w_ptr, b_ptr, lse_ptr, dx_ptr, dw_ptr,
     N, C, HW, stride_n, stride_c, stride_hw, hw_per_split,
     HAS_GATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
@@ -134,12 +137,12 @@ def _backward_kernel(
     c = tl.arange(0, BLOCK_C)
     c_mask = c < C
     w = tl.load(w_ptr + c, mask=c_mask, other=0)
+    ctx = tl.load(ctx_ptr + n * C + c, mask=c_mask, other=0)
     dctx = tl.load(dctx_ptr + n * C + c, mask=c_mask, other=0)
     if HAS_GATE:
         gate = tl.load(gate_ptr + n * C + c, mask=c_mask, other=0)
     bias = tl.load(b_ptr)
     lse = tl.load(lse_ptr + n)
-    k = tl.load(k_ptr + n)
     hw_begin = split * hw_per_split
     hw_end = tl.minimum(HW, hw_begin + hw_per_split)
 
@@ -151,9 +154,8 @@ def _backward_kernel(
         offsets = n * stride_n + c[:, None] * stride_c + hw[None, :] * stride_hw
         tile = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_ty)
         logits = tl.sum(tile * w[:, None], axis=0) + bias
-        u = tl.sum(tile * dctx[:, None], axis=0)
         a = tl.where(hw_mask, tl.exp(logits - lse), 0.0)
-        dl = a * (u - k)
+        dl = a * tl.sum((tile - ctx[:, None]) * dctx[:, None], axis=0)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0).to(acc_ty)
         dx = a[None, :] * dctx[:, None] + dl[None, :] * w[:, None]
         if HAS_GATE:
@@ -177,13 +179,12 @@ def attention_pool_backward(dy, x, gate, context, dcontext, weight, bias, lse):
     acc = acc_dtype(x.dtype)
     if x.numel() == 0:
         return dx, x.new_zeros((C,), dtype=acc)
-    k = (dcontext * context).sum(1)
     block_c, block_hw = tile_shape(x)
     _, splits, per_split = split_hw(x, block_c, block_hw)
     dw_part = torch.empty((splits, N, C), dtype=acc, device=x.device)
     with device_guard(x):
         _backward_kernel[(N, splits)](
-            dy, x, gate if gate is not None else dcontext, dcontext, weight, bias, lse, k, dx, dw_part,
+            dy, x, gate if gate is not None else dcontext, context, dcontext, weight, bias, lse, dx, dw_part,
             N, C, H * W, *strides(x), per_split,
             HAS_GATE=gate is not None, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=tile_warps(block_c, block_hw),
         )
