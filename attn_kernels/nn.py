@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from . import functional as F
+from . import reference
 from .activations import create_act_layer, kernel_activation_name
 from .backends import Dispatch
 from .ops.primitives import acc_dtype
@@ -836,10 +837,8 @@ class FusedGC(FusedModule):
         }
 
     def reference_forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
         if self.conv_attn is not None:
-            attn = torch.softmax(self.conv_attn(x).reshape(B, 1, H * W), dim=-1).unsqueeze(3)
-            context = (x.reshape(B, C, H * W).unsqueeze(1) @ attn).view(B, C, 1, 1)
+            context = reference.attention_context(x, self.conv_attn(x))
         else:
             context = x.mean(dim=(2, 3), keepdim=True)
         if self.mlp_scale is not None:
@@ -933,10 +932,8 @@ class FusedContextBlock(FusedModule):
         }
 
     def reference_forward(self, x: Tensor) -> Tensor:
-        B, C, H, W = x.shape
         if hasattr(self, "conv_mask"):  # pooling_type 'att'
-            attn = torch.softmax(self.conv_mask(x).view(B, 1, H * W), dim=2).unsqueeze(-1)
-            context = torch.matmul(x.view(B, C, H * W).unsqueeze(1), attn).view(B, C, 1, 1)
+            context = reference.attention_context(x, self.conv_mask(x))
         else:
             context = x.mean((2, 3), keepdim=True)
         out = x

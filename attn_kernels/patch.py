@@ -408,7 +408,8 @@ def patch(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     and return the model. verbose=True prints patch_report(model) afterwards."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for _, m, verdict in list(_walk(model)):
+    found = list(_walk(model))
+    for _, m, verdict in found:
         if verdict.status == "patchable":
             m.__class__ = _patched_class(type(m), verdict.fused)
     if verbose:
@@ -416,7 +417,7 @@ def patch(model: nn.Module, *, verbose: bool = False) -> nn.Module:
     if isinstance(model, fx.GraphModule):
         inlined = list(_traced_through(model))
         if inlined:
-            patched = len(patch_report(model).with_status("patched"))
+            patched = sum(verdict.status != "left alone" for _, _, verdict in found)  # patched now, or before
             warnings.warn(f"attn_kernels.patch: {len(inlined)} attention modules of this GraphModule were {_TRACED_THROUGH} "
                           f"({', '.join(e.name for e in inlined[:3])}{', ...' if len(inlined) > 3 else ''}); "
                           f"{patched} of its modules are patched", stacklevel=2)

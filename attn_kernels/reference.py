@@ -145,6 +145,15 @@ def _gc_transform(weights, context, eps, act_fn):
     return F.conv2d(act_fn(h), fc2_weight, fc2_bias)
 
 
+def attention_context(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """GC's context by attention pooling: x's pixels weighted by the softmax over H*W of the
+    (N, 1, H, W) logits, as (N, C, 1, 1). Typed for TorchScript: the GC drop-ins' reference_forward
+    (attn_kernels.nn) calls it too."""
+    B, C, H, W = x.shape
+    attn = torch.softmax(logits.reshape(B, 1, H * W), dim=-1).unsqueeze(3)
+    return (x.reshape(B, C, H * W).unsqueeze(1) @ attn).view(B, C, 1, 1)
+
+
 def gc(
     x: torch.Tensor,
     attn_weight: Optional[torch.Tensor],
@@ -160,11 +169,8 @@ def gc(
     """timm.layers.GlobalContext.forward: context by attention pooling (softmax over H*W of a 1x1
     conv's logits) or, without attn_weight, the mean; then x * gate(t_scale(context)) and/or
     + t_add(context), each transform fc1 -> LayerNorm -> act -> fc2 (weights as in ops/gc.py)."""
-    B, C, H, W = x.shape
     if attn_weight is not None:
-        attn = F.conv2d(x, attn_weight, attn_bias).reshape(B, 1, H * W)
-        attn = F.softmax(attn, dim=-1).unsqueeze(3)
-        context = (x.reshape(B, C, H * W).unsqueeze(1) @ attn).view(B, C, 1, 1)
+        context = attention_context(x, F.conv2d(x, attn_weight, attn_bias))
     else:
         context = x.mean(dim=(2, 3), keepdim=True)
     act_fn = _as_callable(act)
