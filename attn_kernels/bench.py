@@ -1,6 +1,8 @@
 """Latency and memory of the attention blocks: timm eager, torch.compile of it, and the fused kernels.
 
     python -m attn_kernels.bench                  # ResNet-50 stages at batch 32 and 128, bf16 and fp32, both layouts
+    python -m attn_kernels.bench --ledger [...]   # the ledger instead (attn_kernels.ledger): bytes,
+                                                  # launches, occupancy; the default without a GPU
     python -m attn_kernels.bench --quick          # a smoke run: batch 32, two stages
     python -m attn_kernels.bench --impls eager triton --dtypes bf16 --layouts channels_last --plot
 
@@ -176,9 +178,12 @@ def git_commit() -> str:
 
 
 def report_no_gpu() -> None:
-    print("No CUDA GPU is present (torch.cuda.is_available() is False), so nothing is timed.\n")
+    print("No CUDA GPU is present (torch.cuda.is_available() is False), so nothing is timed. What this "
+          "machine can measure, the ledger (python -m attn_kernels.ledger), follows: bytes and launches "
+          "of every block, fused and eager, and the occupancy of every launch.\n")
     print(info.report())
-    print("\nOn a GPU machine, benchmarks/gpu_check.sh builds the extension, runs the tests and this benchmark.")
+    print("\nOn a GPU machine, benchmarks/gpu_check.sh builds the extension, runs the tests and this benchmark.\n",
+          flush=True)
 
 
 def copy_bandwidth_gbps(do_bench) -> float:
@@ -433,13 +438,17 @@ def plot_speedups(pyplot, speedups, csv_path: str) -> str:
     return png_path
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if not torch.cuda.is_available():
-        report_no_gpu()
-        return
-    run(args)
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--ledger" in argv or not torch.cuda.is_available():
+        from attn_kernels import ledger
+
+        if not torch.cuda.is_available():
+            report_no_gpu()
+        return ledger.main([a for a in argv if a != "--ledger"])
+    run(parse_args(argv))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

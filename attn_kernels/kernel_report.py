@@ -55,7 +55,71 @@ def sm_name(capability):
     return f"sm_{capability}{'a' if capability >= 90 else ''}"
 
 
-# ---- recorded specializations ------------------------------------------------------------------
+# ---- recording and loading specializations ----------------------------------------------------
+
+_jit_functions = {}  # python function -> the JITFunction the compiled launcher would use
+
+
+def _backend():
+    """The CUDA backend; its specialization rules (the base backend's) are those of every CUDA target."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    return make_backend(GPUTarget("cuda", 90, 32))
+
+
+def encode_value(value):
+    """A constexpr value as JSON (decode_value reverses it)."""
+    import triton.language as tl
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tl.constexpr):
+        return encode_value(value.value)
+    if isinstance(value, tl.dtype):
+        return {"dtype": str(value)}
+    fn = getattr(value, "fn", None)
+    if callable(fn) and hasattr(fn, "__qualname__"):  # a JITFunction or InterpretedFunction passed as constexpr
+        return {"jit_function": f"{fn.__module__}:{fn.__qualname__}"}
+    raise TypeError(f"cannot record a constexpr of type {type(value).__name__}: {value!r}")
+
+
+def _path_name(arg_names, path):
+    return arg_names[path[0]] + "".join(f"[{i}]" for i in path[1:])
+
+
+def specialization(interpreted, args, kwargs):
+    """The record (a JSON-able dict) of an interpreted launch `interpreted[grid](*args, **kwargs)`:
+    the specialization that the compiled launcher (triton.runtime.jit.JITFunction.run) would build
+    for it, with Triton's own code: the launcher's argument binder (create_function_from_signature,
+    which calls Triton's native specialize_impl: '*fp32'/'*bf16' pointers, i32/i64 integers, an
+    integer equal to 1 made a constant, divisibility by 16 of pointers and integers) and its
+    _pack_args (signature, constexprs, attributes, options). compile_one compiles it."""
+    from triton.runtime import jit
+
+    fn = interpreted.fn
+    jf = _jit_functions.get(fn)
+    if jf is None:
+        # The JITFunction that @triton.jit would have made without TRITON_INTERPRET, with the same
+        # do_not_specialize / do_not_specialize_on_alignment options.
+        jf = jit.JITFunction(fn, **interpreted.kwargs)
+        backend = _backend()
+        jf._attn_binder = (backend, jit.create_function_from_signature(jf.signature, jf.params, backend))
+        _jit_functions[fn] = jf
+    backend, binder = jf._attn_binder
+    bound_args, spec, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jf._pack_args(backend, dict(kwargs), bound_args, spec, options)
+    names = jf.arg_names
+    launch_options = {k: v for k, v in kwargs.items() if k not in names}
+    launch_options["num_warps"] = options.num_warps
+    return {
+        "kernel": f"{fn.__module__}:{fn.__qualname__}",
+        "signature": signature,
+        "constexprs": {_path_name(names, path): encode_value(v) for path, v in sorted(constexprs.items())},
+        "attrs": {_path_name(names, path): v for path, v in sorted(attrs.items()) if v},
+        "options": dict(sorted(launch_options.items())),
+    }
+
 
 def load_specs(paths):
     """(unique specs, lines read) from JSON-lines files (or folders of *.jsonl), in a stable order."""

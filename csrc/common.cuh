@@ -125,7 +125,7 @@ dev_ptr<T> device_ptr(const at::Tensor* t, const char* name) {
 #ifdef AK_EMULATION
   int64_t extent = t->numel() == 0 ? 0 : 1;  // from the first element to the last
   for (int64_t d = 0; d < t->dim() && extent; ++d) extent += (t->size(d) - 1) * t->stride(d);
-  return dev_ptr<T>(data, extent, name);
+  return dev_ptr<T>(data, extent, name, /*global=*/true);
 #else
   (void)name;
   return data;

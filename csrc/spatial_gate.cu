@@ -13,12 +13,33 @@
 // u is never written: each kernel recomputes it as acc_t(x) * ca, so ties found by one pass are
 // found again by the next. Per-pixel statistics are (N, H*W), per-channel ones (N, C), in the
 // accumulator type. Fixed reduction order, no atomics: bitwise reproducible.
+#include <algorithm>
+
 #include "reduce_hw.cuh"
 
 namespace attn_kernels {
 namespace {
 
-constexpr int kPixelsPerWarp = 16;  // NHWC reductions over C: pixels a warp walks per channel chunk
+// NHWC reductions over C: pixels a warp walks per channel chunk. Pooling keeps 3 accumulators per
+// pixel and lane (sum, max, ties): 8 pixels hold it near 64 registers, where 16 took 100 to 150.
+// The gradient keeps one, and writes its share of dca per warp tile and channel, (H*W / pixels)
+// partials read again: 32 pixels keep them to 1/32 of dy's bytes per 4-byte partial.
+template <bool kGrad>
+constexpr int kPixelsPerWarp = kGrad ? 32 : 8;
+
+// The reductions over C split the channels into chunks of `chunk` (a multiple of 32), one warp per
+// (sample, pixel tile, chunk), when the samples' pixel tiles alone would leave the GPU idle: at
+// 2048x7x7 and N = 32 that is 64 warps (NCHW) on 132 SMs. Enough chunks for 8 warps per SM, of at
+// least kMinChunk channels: a chunk's partials (3 per pixel, written and read again) cost at most
+// 24 / (kMinChunk * sizeof(x)) of x's bytes, 9% in bf16. Combined in chunk order
+// (spatial_combine_kernel): reproducible.
+constexpr int64_t kMinChunk = 128;
+inline int64_t channel_chunk(int64_t warps_without_split, int64_t C) {
+  const int64_t wanted = int64_t(num_sms()) * 8;
+  const int64_t splits = std::clamp<int64_t>((wanted + warps_without_split - 1) / warps_without_split, 1,
+                                             std::max<int64_t>(1, C / kMinChunk));
+  return ((C + splits - 1) / splits + 31) / 32 * 32;
+}
 
 // Folds (max, ties) of another partial into this one.
 // NaN wins, as in torch.amax; a NaN max has no ties (x == NaN never holds).
@@ -42,20 +63,22 @@ __device__ __forceinline__ void warp_merge_max(acc_t& m, acc_t& ties) {
   }
 }
 
-// Reduction over C per pixel, NCHW: a thread per pixel walks the channels (a warp reads 32
-// consecutive pixels of one channel). kGrad=false (a = x): first = mean_c u, max, ties.
-// kGrad=true (a = dy, b = x): first = sum_c dy*u and, with kHasCa, each warp's share of
-// sum_hw dy*x*sa per channel into dca_part[n, warp tile, c].
+// Reduction over C per pixel, NCHW: a thread per pixel walks the channels of its chunk (a warp
+// reads 32 consecutive pixels of one channel). kGrad=false (a = x): first = sum_c u / divisor, max,
+// ties. kGrad=true (a = dy, b = x): first = sum_c dy*u and, with kHasCa, each warp's share of
+// sum_hw dy*x*sa per channel into dca_part[n, warp tile, c]. The per-pixel outputs are the
+// chunk's: (chunks, N, H*W), indexed [chunk][n][hw].
 template <bool kGrad, bool kHasCa, typename scalar_t, typename acc_t>
 __global__ void spatial_reduce_nchw_kernel(dev_ptr<const scalar_t> a, dev_ptr<const scalar_t> b,
                                            dev_ptr<const acc_t> ca, dev_ptr<const acc_t> sa, dev_ptr<acc_t> first,
                                            dev_ptr<acc_t> xmax, dev_ptr<acc_t> ties, dev_ptr<acc_t> dca_part,
-                                           int64_t N, int64_t C, int64_t HW) {
-  const int64_t tiles = (HW + 31) / 32;
+                                           int64_t N, int64_t C, int64_t HW, int64_t chunk, acc_t divisor) {
+  const int64_t tiles = (HW + 31) / 32, chunks = (C + chunk - 1) / chunk;
   const int64_t warp = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (warp >= N * tiles) return;  // whole warps leave together
+  if (warp >= N * tiles * chunks) return;  // whole warps leave together
   const int lane = threadIdx.x % 32;
-  const int64_t n = warp / tiles, tile = warp - n * tiles;
+  const int64_t split = warp % chunks, n = warp / chunks / tiles, tile = warp / chunks - n * tiles;
+  const int64_t c_begin = split * chunk, c_end = min(C, c_begin + chunk);
   const int64_t hw = tile * 32 + lane;
   const bool valid = hw < HW;
   const int64_t base = n * C * HW + (valid ? hw : 0);
@@ -63,7 +86,7 @@ __global__ void spatial_reduce_nchw_kernel(dev_ptr<const scalar_t> a, dev_ptr<co
   if constexpr (kGrad) sa_hw = valid ? sa[n * HW + hw] : acc_t(0);
 
   acc_t total = 0, m = -INFINITY, count = 0;
-  for (int64_t c = 0; c < C; ++c) {
+  for (int64_t c = c_begin; c < c_end; ++c) {
     const acc_t scale = kHasCa ? ca[n * C + c] : acc_t(1);
     const acc_t va = valid ? static_cast<acc_t>(a[base + c * HW]) : acc_t(0);
     if constexpr (kGrad) {
@@ -80,44 +103,46 @@ __global__ void spatial_reduce_nchw_kernel(dev_ptr<const scalar_t> a, dev_ptr<co
     }
   }
   if (!valid) return;
-  if constexpr (kGrad) {
-    first[n * HW + hw] = total;
-  } else {
-    first[n * HW + hw] = total / static_cast<acc_t>(C);
-    xmax[n * HW + hw] = m;
-    ties[n * HW + hw] = count;
+  const int64_t out = (split * N + n) * HW + hw;
+  first[out] = total / divisor;
+  if constexpr (!kGrad) {
+    xmax[out] = m;
+    ties[out] = count;
   }
 }
 
-// Reduction over C per pixel, NHWC: a warp walks kPixelsPerWarp consecutive pixels of one sample,
-// 32 channels at a time (a coalesced read of each pixel's channels), each lane keeping per-pixel
-// partials that are reduced across the warp at the end. Same outputs as the NCHW kernel.
+// Reduction over C per pixel, NHWC: a warp walks kPixelsPerWarp<kGrad> consecutive pixels of one sample
+// through the channels of its chunk, 32 at a time (a coalesced read of each pixel's channels),
+// each lane keeping per-pixel partials that are reduced across the warp at the end. Same outputs
+// as the NCHW kernel.
 template <bool kGrad, bool kHasCa, typename scalar_t, typename acc_t>
 __global__ void spatial_reduce_nhwc_kernel(dev_ptr<const scalar_t> a, dev_ptr<const scalar_t> b,
                                            dev_ptr<const acc_t> ca, dev_ptr<const acc_t> sa, dev_ptr<acc_t> first,
                                            dev_ptr<acc_t> xmax, dev_ptr<acc_t> ties, dev_ptr<acc_t> dca_part,
-                                           int64_t N, int64_t C, int64_t HW) {
-  const int64_t tiles = (HW + kPixelsPerWarp - 1) / kPixelsPerWarp;
+                                           int64_t N, int64_t C, int64_t HW, int64_t chunk, acc_t divisor) {
+  constexpr int kPixels = kPixelsPerWarp<kGrad>;
+  const int64_t tiles = (HW + kPixels - 1) / kPixels, chunks = (C + chunk - 1) / chunk;
   const int64_t warp = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  if (warp >= N * tiles) return;  // whole warps leave together
+  if (warp >= N * tiles * chunks) return;  // whole warps leave together
   const int lane = threadIdx.x % 32;
-  const int64_t n = warp / tiles, tile = warp - n * tiles;
-  const int64_t hw0 = tile * kPixelsPerWarp;
+  const int64_t split = warp % chunks, n = warp / chunks / tiles, tile = warp / chunks - n * tiles;
+  const int64_t c_begin = split * chunk, c_end = min(C, c_begin + chunk);
+  const int64_t hw0 = tile * kPixels;
 
-  acc_t total[kPixelsPerWarp], m[kPixelsPerWarp], count[kPixelsPerWarp];
+  acc_t total[kPixels], m[kPixels], count[kPixels];
 #pragma unroll
-  for (int k = 0; k < kPixelsPerWarp; ++k) {
+  for (int k = 0; k < kPixels; ++k) {
     total[k] = 0;
     m[k] = -INFINITY;
     count[k] = 0;
   }
-  for (int64_t c0 = 0; c0 < C; c0 += 32) {
+  for (int64_t c0 = c_begin; c0 < c_end; c0 += 32) {
     const int64_t c = c0 + lane;
-    const bool valid_c = c < C;
+    const bool valid_c = c < c_end;
     const acc_t scale = kHasCa ? (valid_c ? ca[n * C + c] : acc_t(0)) : acc_t(1);
     acc_t dca_share = 0;
 #pragma unroll
-    for (int k = 0; k < kPixelsPerWarp; ++k) {
+    for (int k = 0; k < kPixels; ++k) {
       const int64_t hw = hw0 + k;
       if (hw >= HW) break;  // the same for every lane
       const int64_t offset = (n * HW + hw) * C + c;
@@ -137,17 +162,38 @@ __global__ void spatial_reduce_nhwc_kernel(dev_ptr<const scalar_t> a, dev_ptr<co
     }
   }
 #pragma unroll
-  for (int k = 0; k < kPixelsPerWarp; ++k) {
+  for (int k = 0; k < kPixels; ++k) {
     const int64_t hw = hw0 + k;
     if (hw >= HW) break;
     const acc_t sum = warp_sum(total[k]);
     if constexpr (!kGrad) warp_merge_max(m[k], count[k]);
     if (lane == 0) {
-      first[n * HW + hw] = kGrad ? sum : sum / static_cast<acc_t>(C);
+      const int64_t out = (split * N + n) * HW + hw;
+      first[out] = sum / divisor;
       if constexpr (!kGrad) {
-        xmax[n * HW + hw] = m[k];
-        ties[n * HW + hw] = count[k];
+        xmax[out] = m[k];
+        ties[out] = count[k];
       }
+    }
+  }
+}
+
+// Folds the channel chunks' partials of each pixel, in chunk order: first = sum / divisor and,
+// with kMax, the max and its ties (merge_max, as within a chunk).
+template <bool kMax, typename acc_t>
+__global__ void spatial_combine_kernel(dev_ptr<const acc_t> part_first, dev_ptr<const acc_t> part_max,
+                                       dev_ptr<const acc_t> part_ties, dev_ptr<acc_t> first, dev_ptr<acc_t> xmax,
+                                       dev_ptr<acc_t> ties, int64_t pixels, int64_t chunks, acc_t divisor) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < pixels; i += int64_t(gridDim.x) * blockDim.x) {
+    acc_t total = 0, m = -INFINITY, count = 0;
+    for (int64_t split = 0; split < chunks; ++split) {
+      total += part_first[split * pixels + i];
+      if constexpr (kMax) merge_max(m, count, part_max[split * pixels + i], part_ties[split * pixels + i]);
+    }
+    first[i] = total / divisor;
+    if constexpr (kMax) {
+      xmax[i] = m;
+      ties[i] = count;
     }
   }
 }
@@ -158,23 +204,31 @@ std::vector<at::Tensor> spatial_reduce(const at::Tensor& a, const at::Tensor& b,
                                        const at::Tensor* sa, Layout layout) {
   const int64_t N = a.size(0), C = a.size(1), HW = a.size(2) * a.size(3);
   const auto options = a.options().dtype(at::toAccumulateType(a.scalar_type(), true));
-  const int64_t per_warp = layout == Layout::kNHWC ? kPixelsPerWarp : 32;
+  const int64_t per_warp = layout == Layout::kNHWC ? kPixelsPerWarp<kGrad> : 32;
   const int64_t tiles = (HW + per_warp - 1) / per_warp;
+  const int64_t chunk = channel_chunk(N * tiles, C), chunks = (C + chunk - 1) / chunk;
   at::Tensor first = at::empty({N, HW}, options);
   at::Tensor xmax = kGrad ? at::Tensor() : at::empty({N, HW}, options);
   at::Tensor ties = kGrad ? at::Tensor() : at::empty({N, HW}, options);
+  // One chunk writes the outputs; several write partials, combined after.
+  const auto partial = [&](const at::Tensor& t) {
+    return chunks == 1 || !t.defined() ? t : at::empty({chunks, N, HW}, options);
+  };
+  const at::Tensor part_first = partial(first), part_max = partial(xmax), part_ties = partial(ties);
   at::Tensor dca_part = kGrad && ca ? at::empty({N, tiles, C}, options) : at::Tensor();
-  const int64_t blocks = (N * tiles + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const int64_t blocks = (N * tiles * chunks + kWarpsPerBlock - 1) / kWarpsPerBlock;
   const auto defined = [](const at::Tensor& t) { return t.defined() ? &t : nullptr; };
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "spatial_reduce", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
+    const acc_t mean_divisor = kGrad ? acc_t(1) : static_cast<acc_t>(C);
     const auto run = [&](auto kernel) {
       launch<decltype(kernel)::value>(
           "spatial_reduce", blocks, 1, kWarpsPerBlock * 32, 0, device_ptr<const scalar_t>(a, kGrad ? "dy" : "x"),
           device_ptr<const scalar_t>(kGrad ? &b : nullptr, "x"), device_ptr<const acc_t>(ca, "ca"),
-          device_ptr<const acc_t>(sa, "sa"), device_ptr<acc_t>(first, "first"),
-          device_ptr<acc_t>(defined(xmax), "max"), device_ptr<acc_t>(defined(ties), "ties"),
-          device_ptr<acc_t>(defined(dca_part), "dca_part"), N, C, HW);
+          device_ptr<const acc_t>(sa, "sa"), device_ptr<acc_t>(part_first, "first"),
+          device_ptr<acc_t>(defined(part_max), "max"), device_ptr<acc_t>(defined(part_ties), "ties"),
+          device_ptr<acc_t>(defined(dca_part), "dca_part"), N, C, HW, chunk,
+          chunks == 1 ? mean_divisor : acc_t(1));
     };
     const auto run_layout = [&](auto has_ca) {
       constexpr bool kHasCa = decltype(has_ca)::value;
@@ -188,6 +242,14 @@ std::vector<at::Tensor> spatial_reduce(const at::Tensor& a, const at::Tensor& b,
       run_layout(std::true_type{});
     } else {
       run_layout(std::false_type{});
+    }
+    if (chunks > 1) {
+      launch<spatial_combine_kernel<!kGrad, acc_t>>(
+          "spatial_reduce", elementwise_blocks(N * HW), 1, kElementwiseThreads, 0,
+          device_ptr<const acc_t>(part_first, "part_first"), device_ptr<const acc_t>(defined(part_max), "part_max"),
+          device_ptr<const acc_t>(defined(part_ties), "part_ties"), device_ptr<acc_t>(first, "first"),
+          device_ptr<acc_t>(defined(xmax), "max"), device_ptr<acc_t>(defined(ties), "ties"), N * HW, chunks,
+          mean_divisor);
     }
   });
   if (kGrad) return {first, dca_part.defined() ? dca_part.sum(1) : at::empty({0}, options)};

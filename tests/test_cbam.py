@@ -128,6 +128,36 @@ def test_opcheck(channel, train, kernel_backend):
     torch.library.opcheck(cbam_backward, (dy, *plain[:8], *stats, *config))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_spatial_reductions_split_over_channels(layout, kernel_backend, monkeypatch, poisoned):
+    """The reductions over C split the channels across programs where the samples alone would
+    leave the GPU idle (as at 2048x7x7), and fold the splits in order: mean, max and ties exact
+    (quantized x: many ties), sums to rounding, in float64. Triton sizes its grid for an H100 here."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter and emulation test")
+    monkeypatch.setenv("ATTN_KERNELS_INTERPRETER_SMS", "132")
+    if kernel_backend == "cuda":
+        from attn_kernels import _emulated  # noqa: F401
+
+        ops = torch.ops.attn_kernels_emulated
+    else:
+        from attn_kernels.triton import spatial_gate as ops
+    shape = (2, 300, 5, 6)  # two splits of C
+    x = make_x(shape, torch.float64, layout=layout, kind="quantized")
+    dy = make_x(shape, torch.float64, layout=layout, seed=2)
+    ca = torch.rand(2, 300, dtype=torch.float64).round(decimals=1) + 0.5  # a few values: ties in u
+    sa = torch.rand(2, 30, dtype=torch.float64)
+    u = (x * ca[:, :, None, None]).flatten(2)
+    mean, xmax, ties = ops.spatial_pool(x, ca)
+    torch.testing.assert_close(mean, u.mean(1), rtol=0, atol=1e-13)
+    assert torch.equal(xmax, u.amax(1))
+    assert torch.equal(ties, (u == u.amax(1, keepdim=True)).sum(1).double())
+    assert (ties > 1).any()
+    dsa, dca = ops.spatial_grad_reduce(dy, x, ca, sa)
+    torch.testing.assert_close(dsa, (dy.flatten(2) * u).sum(1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(dca, (dy * x).flatten(2).mul(sa[:, None]).sum(2), rtol=0, atol=1e-12)
+
+
 def test_compile_fullgraph_has_no_graph_break():
     model, reference_model = check_compiles_without_graph_break(pair("cbam", 16)[1], 16)
     # The compiled step updated the BN running statistics as eager does.

@@ -3,11 +3,7 @@
 Without a GPU the tests run the Triton kernels in Triton's interpreter, which compiles nothing: a
 kernel that the interpreter runs may still fail to compile for a GPU. With ATTN_KERNELS_TRITON_SPECS
 set to a file path, this plugin wraps the interpreter's launch and, for each launch, computes the
-specialization that the compiled launcher (triton.runtime.jit.JITFunction.run) would build for
-it, with Triton's own code: the launcher's argument binder (create_function_from_signature, which
-calls Triton's native specialize_impl: '*fp32'/'*bf16' pointers, i32/i64 integers, an integer
-equal to 1 made a constant, divisibility by 16 of pointers and integers) and its _pack_args
-(signature, constexprs, attributes, options). Each unique record becomes a JSON line of that file;
+specialization that the compiled launcher would build for it (attn_kernels.kernel_report.specialization). Each unique record becomes a JSON line of that file;
 `python -m attn_kernels.kernel_report --specs FILE` compiles them for real GPU targets.
 
 Records are appended under an exclusive lock, so several processes (pytest-xdist workers) can share
@@ -17,10 +13,11 @@ import json
 import os
 import warnings
 
+from attn_kernels.kernel_report import specialization
+
 ENV = "ATTN_KERNELS_TRITON_SPECS"
 
 _seen = set()          # unique records written by this process
-_jit_functions = {}    # python function -> the JITFunction the compiled launcher would use
 _disabled = None       # the reason recording is off, once known
 
 
@@ -29,62 +26,6 @@ def _disable(reason):
     if _disabled is None:
         _disabled = reason
         warnings.warn(f"{ENV}: Triton specializations are not recorded: {reason}", stacklevel=2)
-
-
-def _backend():
-    """The CUDA backend; its specialization rules (the base backend's) are those of every CUDA target."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-
-    return make_backend(GPUTarget("cuda", 90, 32))
-
-
-def encode_value(value):
-    """A constexpr value as JSON (kernel_report.decode_value reverses it)."""
-    import triton.language as tl
-
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, tl.constexpr):
-        return encode_value(value.value)
-    if isinstance(value, tl.dtype):
-        return {"dtype": str(value)}
-    fn = getattr(value, "fn", None)
-    if callable(fn) and hasattr(fn, "__qualname__"):  # a JITFunction or InterpretedFunction passed as constexpr
-        return {"jit_function": f"{fn.__module__}:{fn.__qualname__}"}
-    raise TypeError(f"cannot record a constexpr of type {type(value).__name__}: {value!r}")
-
-
-def _path_name(arg_names, path):
-    return arg_names[path[0]] + "".join(f"[{i}]" for i in path[1:])
-
-
-def specialization(interpreted, args, kwargs):
-    """(record dict) for a launch `interpreted[grid](*args, **kwargs)` as the compiled launcher sees it."""
-    from triton.runtime import jit
-
-    fn = interpreted.fn
-    jf = _jit_functions.get(fn)
-    if jf is None:
-        # The JITFunction that @triton.jit would have made without TRITON_INTERPRET, with the same
-        # do_not_specialize / do_not_specialize_on_alignment options.
-        jf = jit.JITFunction(fn, **interpreted.kwargs)
-        backend = _backend()
-        jf._attn_binder = (backend, jit.create_function_from_signature(jf.signature, jf.params, backend))
-        _jit_functions[fn] = jf
-    backend, binder = jf._attn_binder
-    bound_args, spec, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = jf._pack_args(backend, dict(kwargs), bound_args, spec, options)
-    names = jf.arg_names
-    launch_options = {k: v for k, v in kwargs.items() if k not in names}
-    launch_options["num_warps"] = options.num_warps
-    return {
-        "kernel": f"{fn.__module__}:{fn.__qualname__}",
-        "signature": signature,
-        "constexprs": {_path_name(names, path): encode_value(v) for path, v in sorted(constexprs.items())},
-        "attrs": {_path_name(names, path): v for path, v in sorted(attrs.items()) if v},
-        "options": dict(sorted(launch_options.items())),
-    }
 
 
 def _append(path, line):

@@ -15,6 +15,7 @@ Reductions are split over H*W into a fixed number of chunks whose partial result
 fixed order: no atomics, bitwise reproducible.
 """
 import contextlib
+import os
 
 import torch
 import triton
@@ -82,7 +83,11 @@ def device_guard(t: torch.Tensor):
 
 
 def _sm_count(t: torch.Tensor) -> int:
-    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 1
+    """The SMs a launch sizes its grid for: the GPU's; on CPU tensors (Triton's interpreter) 1, or
+    ATTN_KERNELS_INTERPRETER_SMS (the ledger sets an H100's 132, to count the launches a GPU runs)."""
+    if t.is_cuda:
+        return torch.cuda.get_device_properties(t.device).multi_processor_count
+    return int(os.environ.get("ATTN_KERNELS_INTERPRETER_SMS", "1"))
 
 
 # NaN-propagating maxima, as torch.amax: compiled tl.max and a plain tl.maximum drop NaN (LLVM's

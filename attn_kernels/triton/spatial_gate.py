@@ -24,7 +24,8 @@ import triton.language as tl
 
 from ..ops.primitives import acc_dtype
 from .channel_gate import (
-    check_activation, check_stats, device_guard, nan_max, nan_maximum, split_hw, strides, tile_shape,
+    TARGET_PROGRAMS_PER_SM, _sm_count, check_activation, check_stats, device_guard, nan_max, nan_maximum, split_hw,
+    strides, tile_shape,
 )
 
 _TILE_ELEMENTS = 2048  # elements of x a program holds per loop step
@@ -42,21 +43,50 @@ def tile_shape_over_c(t: torch.Tensor):
     return block_c, block_hw
 
 
+# The fewest channels a split of a reduction over C takes: its partials (3 per pixel, written and
+# read again) cost at most 24 / (MIN_SPLIT_C * x's element size) of x's bytes, 9% in bf16.
+MIN_SPLIT_C = 128
+
+
+def split_c(x: torch.Tensor, block_c: int, programs: int):
+    """(splits, c_per_split) of a reduction over C with one program per (n, pixel tile, split): C
+    is split until the grid fills the GPU (at 2048x7x7 and N = 32, one program per sample would
+    leave most SMs idle), in chunks of whole BLOCK_C tiles and at least MIN_SPLIT_C channels."""
+    C = x.shape[1]
+    want = triton.cdiv(TARGET_PROGRAMS_PER_SM * _sm_count(x), programs)
+    splits = max(1, min(want, triton.cdiv(C, block_c), C // MIN_SPLIT_C))
+    per_split = triton.cdiv(triton.cdiv(C, splits), block_c) * block_c
+    return triton.cdiv(C, per_split), per_split
+
+
+@triton.jit
+def _max_ties_update(run_max, run_ties, chunk_max, chunk_ties):
+    """The running max of u and its tie count, given a chunk's."""
+    run_ties = tl.where(
+        chunk_max > run_max, chunk_ties, tl.where(chunk_max == run_max, run_ties + chunk_ties, run_ties)
+    )
+    return nan_maximum(run_max, chunk_max), run_ties
+
+
 @triton.jit
 def _reduce_over_c_kernel(
     a_ptr, b_ptr, ca_ptr, sa_ptr, first_ptr, max_ptr, ties_ptr, dca_part_ptr,
-    C, HW, stride_n, stride_c, stride_hw,
+    N, C, HW, stride_n, stride_c, stride_hw, c_per_split, divisor,
     GRAD: tl.constexpr, HAS_CA: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    # One program per (n, pixel tile), looping over C. GRAD=False (a = x): first = mean_c(u), and
-    # the max of u with its tie count. GRAD=True (a = dy, b = x): first = sum_c dy*u, and with
-    # HAS_CA this tile's share of sum_hw dy*x*sa for every channel, into dca_part[n, tile, c].
+    # One program per (n, pixel tile, split of C), looping over its channels. GRAD=False (a = x):
+    # first = sum_c(u) / divisor, and the max of u with its tie count. GRAD=True (a = dy, b = x):
+    # first = sum_c dy*u, and with HAS_CA this tile's share of sum_hw dy*x*sa for each of its
+    # channels, into dca_part[n, tile, c]. Per-pixel outputs are the split's: [split][n][hw].
     pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
     hw_tiles = tl.cdiv(HW, BLOCK_HW)
     n = pid // hw_tiles
     hw_tile = pid % hw_tiles
     hw = hw_tile * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_mask = hw < HW
+    c_begin = split * c_per_split
+    c_end = tl.minimum(C, c_begin + c_per_split)
     acc_ty = first_ptr.dtype.element_ty
 
     total = tl.zeros((BLOCK_HW,), dtype=acc_ty)
@@ -64,9 +94,9 @@ def _reduce_over_c_kernel(
     run_ties = tl.zeros((BLOCK_HW,), dtype=acc_ty)
     if GRAD:
         sa = tl.load(sa_ptr + n * HW + hw, mask=hw_mask, other=0)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        c_mask = c < C
+        c_mask = c < c_end
         mask = c_mask[:, None] & hw_mask[None, :]
         offsets = n * stride_n + c[:, None] * stride_c + hw[None, :] * stride_hw
         a = tl.load(a_ptr + offsets, mask=mask, other=0).to(acc_ty)
@@ -89,18 +119,72 @@ def _reduce_over_c_kernel(
             u = tl.where(mask, u, float("-inf"))
             chunk_max = nan_max(u, 0)
             chunk_ties = tl.sum(tl.where(u == chunk_max[None, :], 1.0, 0.0), axis=0).to(acc_ty)
-            run_ties = tl.where(
-                chunk_max > run_max, chunk_ties, tl.where(chunk_max == run_max, run_ties + chunk_ties, run_ties)
-            )
-            run_max = nan_maximum(run_max, chunk_max)
-    out = n * HW + hw
-    if GRAD:
-        tl.store(first_ptr + out, total, mask=hw_mask)
-    else:
-        tl.store(first_ptr + out, total / C, mask=hw_mask)
+            run_max, run_ties = _max_ties_update(run_max, run_ties, chunk_max, chunk_ties)
+    out = (split * N + n) * HW + hw
+    tl.store(first_ptr + out, total / divisor, mask=hw_mask)
+    if not GRAD:
         tl.store(max_ptr + out, run_max, mask=hw_mask)
         # A NaN max has no ties (nothing equals it), as the count torch.amax's gradient divides by.
         tl.store(ties_ptr + out, tl.where(run_max != run_max, 0.0, run_ties), mask=hw_mask)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_first_ptr, part_max_ptr, part_ties_ptr, first_ptr, max_ptr, ties_ptr, pixels, splits, divisor,
+    MAX: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # The splits' partials of each pixel folded in split order: first = sum / divisor and, with
+    # MAX, the max and its ties as _reduce_over_c_kernel folds chunks.
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < pixels
+    acc_ty = first_ptr.dtype.element_ty
+    total = tl.zeros((BLOCK,), dtype=acc_ty)
+    run_max = tl.full((BLOCK,), float("-inf"), dtype=acc_ty)
+    run_ties = tl.zeros((BLOCK,), dtype=acc_ty)
+    for split in range(0, splits):
+        total += tl.load(part_first_ptr + split * pixels + i, mask=mask, other=0)
+        if MAX:
+            chunk_max = tl.load(part_max_ptr + split * pixels + i, mask=mask, other=0)
+            chunk_ties = tl.load(part_ties_ptr + split * pixels + i, mask=mask, other=0)
+            run_max, run_ties = _max_ties_update(run_max, run_ties, chunk_max, chunk_ties)
+    tl.store(first_ptr + i, total / divisor, mask=mask)
+    if MAX:
+        tl.store(max_ptr + i, run_max, mask=mask)
+        tl.store(ties_ptr + i, tl.where(run_max != run_max, 0.0, run_ties), mask=mask)
+
+
+_COMBINE_BLOCK = 1024
+
+
+def _reduce_over_c(a, b, ca, sa, grad: bool):
+    """The per-pixel outputs of _reduce_over_c_kernel ((N, H*W) each: first, and max and ties or
+    None) and dca_part (N, pixel tiles, C) or None; C split across programs where N alone would
+    not fill the GPU, the splits folded by _combine_splits_kernel."""
+    N, C, H, W = a.shape
+    HW = H * W
+    acc = acc_dtype(a.dtype)
+    block_c, block_hw = tile_shape_over_c(a)
+    hw_tiles = triton.cdiv(HW, block_hw)
+    splits, c_per_split = split_c(a, block_c, N * hw_tiles)
+    outputs = [torch.empty((N, HW), dtype=acc, device=a.device) for _ in range(1 if grad else 3)]
+    parts = outputs if splits == 1 else [torch.empty((splits, N, HW), dtype=acc, device=a.device) for _ in outputs]
+    first = parts[0]
+    dca_part = torch.empty((N, hw_tiles, C), dtype=acc, device=a.device) if grad and ca is not None else None
+    with device_guard(a):
+        _reduce_over_c_kernel[(N * hw_tiles, splits)](
+            a, b, ca if ca is not None else first, sa if sa is not None else first, first,
+            parts[1] if not grad else first, parts[2] if not grad else first,
+            dca_part if dca_part is not None else first,
+            N, C, HW, *strides(a), c_per_split, 1.0 if grad or splits > 1 else float(C),
+            GRAD=grad, HAS_CA=ca is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
+        )
+        if splits > 1:
+            _combine_splits_kernel[(triton.cdiv(N * HW, _COMBINE_BLOCK),)](
+                parts[0], parts[-1] if grad else parts[1], parts[-1] if grad else parts[2], outputs[0],
+                outputs[-1] if grad else outputs[1], outputs[-1] if grad else outputs[2],
+                N * HW, splits, 1.0 if grad else float(C), MAX=not grad, BLOCK=_COMBINE_BLOCK,
+            )
+    return outputs[0], (None if grad else outputs[1]), (None if grad else outputs[2]), dca_part
 
 
 def spatial_pool(x: torch.Tensor, ca=None):
@@ -112,14 +196,7 @@ def spatial_pool(x: torch.Tensor, ca=None):
     acc = acc_dtype(x.dtype)
     if x.numel() == 0:
         return tuple(x.new_zeros((N, HW), dtype=acc) for _ in range(3))
-    mean, xmax, ties = (torch.empty((N, HW), dtype=acc, device=x.device) for _ in range(3))
-    block_c, block_hw = tile_shape_over_c(x)
-    with device_guard(x):
-        _reduce_over_c_kernel[(N * triton.cdiv(HW, block_hw),)](
-            x, x, ca if ca is not None else mean, mean, mean, xmax, ties, mean,
-            C, HW, *strides(x),
-            GRAD=False, HAS_CA=ca is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
-        )
+    mean, xmax, ties, _ = _reduce_over_c(x, x, ca, None, grad=False)
     return mean, xmax, ties
 
 
@@ -134,17 +211,8 @@ def spatial_grad_reduce(dy: torch.Tensor, x: torch.Tensor, ca, sa: torch.Tensor)
     acc = acc_dtype(x.dtype)
     if x.numel() == 0:
         return x.new_zeros((N, HW), dtype=acc), x.new_zeros((N, C) if ca is not None else (0,), dtype=acc)
-    block_c, block_hw = tile_shape_over_c(x)
-    hw_tiles = triton.cdiv(HW, block_hw)
-    dsa = torch.empty((N, HW), dtype=acc, device=x.device)
-    dca_part = torch.empty((N, hw_tiles, C) if ca is not None else (0,), dtype=acc, device=x.device)
-    with device_guard(x):
-        _reduce_over_c_kernel[(N * hw_tiles,)](
-            dy, x, ca if ca is not None else dsa, sa, dsa, dsa, dsa, dca_part if ca is not None else dsa,
-            C, HW, *strides(x),
-            GRAD=True, HAS_CA=ca is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
-        )
-    return dsa, dca_part.sum(1) if ca is not None else dca_part
+    dsa, _, _, dca_part = _reduce_over_c(dy, x, ca, sa, grad=True)
+    return dsa, dca_part.sum(1) if dca_part is not None else x.new_empty((0,), dtype=acc)
 
 
 @triton.jit

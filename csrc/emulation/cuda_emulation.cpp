@@ -11,10 +11,44 @@
 #include <mutex>
 #include <random>
 #include <sstream>
+#include <unordered_map>
 
 namespace ak_emu {
 
 const ThreadIds* current_ids = nullptr;
+Traffic traffic;
+
+namespace {
+// The elements of one tensor a launch has read and written, one bit each.
+struct Footprint {
+  size_t element_size;
+  std::vector<uint64_t> read, written;
+};
+std::unordered_map<const void*, Footprint> footprints;
+Traffic::Totals requested;
+}  // namespace
+
+void Traffic::touch(bool read, const void* base, int64_t extent, size_t element_size, int64_t at, int64_t count) {
+  (read ? requested.requested_read : requested.requested_written) += count * int64_t(element_size);
+  Footprint& f = footprints[base];
+  std::vector<uint64_t>& bits = read ? f.read : f.written;
+  if (bits.empty()) {
+    f.element_size = element_size;
+    bits.assign(size_t(extent + 63) / 64, 0);
+  }
+  for (int64_t i = at; i < at + count; ++i) bits[size_t(i) / 64] |= uint64_t(1) << (i % 64);
+}
+
+Traffic::Totals Traffic::take() {
+  Totals t = requested;
+  for (const auto& [base, f] : footprints) {
+    for (uint64_t w : f.read) t.read += __builtin_popcountll(w) * int64_t(f.element_size);
+    for (uint64_t w : f.written) t.written += __builtin_popcountll(w) * int64_t(f.element_size);
+  }
+  footprints.clear();
+  requested = Totals{};
+  return t;
+}
 
 namespace {
 
@@ -106,6 +140,7 @@ struct Block {
   alignas(16) unsigned char arena[kSharedPerBlock];
   size_t dynamic_bytes = 0;
   size_t static_end = 0;
+  size_t static_peak = 0;  // the launch's static shared memory (static_end of its blocks)
   std::vector<std::pair<const void*, size_t>> static_arrays;  // key, offset
 };
 
@@ -296,15 +331,16 @@ std::vector<ThreadOrder> thread_orders() {
 
 // The block indices a launch runs along a grid dimension of `size`: all of them, or with
 // ATTN_KERNELS_EMULATION_GRID=edges only the first two and the last two, for tests of launches
-// at the grid's limits (the other blocks' outputs are left unwritten).
+// at the grid's limits (the other blocks' outputs are left unwritten), or with =none none (the
+// launch is validated and logged: the ledger's launch configurations at shapes too large to run).
 std::vector<unsigned> block_indices(unsigned size) {
   const char* env = std::getenv("ATTN_KERNELS_EMULATION_GRID");
   const std::string mode = env ? env : "";
-  if (!mode.empty() && mode != "all" && mode != "edges") {
-    throw Error("ATTN_KERNELS_EMULATION_GRID: unknown mode '" + mode + "'; use all or edges");
+  if (!mode.empty() && mode != "all" && mode != "edges" && mode != "none") {
+    throw Error("ATTN_KERNELS_EMULATION_GRID: unknown mode '" + mode + "'; use all, edges or none");
   }
   std::vector<unsigned> indices;
-  for (unsigned i = 0; i < size; ++i) {
+  for (unsigned i = 0; i < size && mode != "none"; ++i) {
     if (mode == "edges" && i == 2 && size > 4) i = size - 2;
     indices.push_back(i);
   }
@@ -328,8 +364,22 @@ void validate(const std::string& kernel, dim3 grid, dim3 block, size_t dynamic_b
 }
 
 std::mutex launch_mutex;
+std::string launch_log;
+bool logging_launches = false;
+
+std::string csv(const dim3& v) {
+  return std::to_string(v.x) + "," + std::to_string(v.y) + "," + std::to_string(v.z);
+}
 
 }  // namespace
+
+std::string take_launch_log(bool keep_logging) {
+  const std::lock_guard<std::mutex> lock(launch_mutex);
+  std::string log;
+  log.swap(launch_log);
+  logging_launches = keep_logging;
+  return log;
+}
 
 std::string where() {
   const Block& b = *block_state();
@@ -400,6 +450,7 @@ void* static_shared(const void* key, size_t bytes) {
   std::memset(b.arena + offset, 0xff, bytes);
   b.static_arrays.emplace_back(key, offset);
   b.static_end = (offset + bytes + 15) / 16 * 16;
+  b.static_peak = std::max(b.static_peak, offset + bytes);
   return b.arena + offset;
 }
 
@@ -434,18 +485,22 @@ void launch(const std::string& kernel, dim3 grid, dim3 block, size_t dynamic_sha
   b.run_thread = run_thread;
   b.closure = closure;
   b.dynamic_bytes = dynamic_shared_bytes;
+  b.static_peak = 0;
   b.fibers.assign(size_t(block.x) * block.y * block.z, Fiber());
   b.error = nullptr;
+  uint64_t blocks_run = 0;
 
   const std::vector<ThreadOrder> orders = thread_orders();
-  std::vector<std::vector<unsigned char>> initial, first_result;
-  for (const Output& o : outputs) {
-    const auto* p = static_cast<const unsigned char*>(o.data);
-    initial.emplace_back(p, p + o.bytes);
+  std::vector<std::vector<unsigned char>> initial, first_result;  // snapshots, for a second order
+  for (size_t i = 0; i < outputs.size() && orders.size() > 1; ++i) {
+    const auto* p = static_cast<const unsigned char*>(outputs[i].data);
+    initial.emplace_back(p, p + outputs[i].bytes);
   }
   for (size_t k = 0; k < orders.size(); ++k) {
     for (size_t i = 0; i < outputs.size() && k > 0; ++i) std::memcpy(outputs[i].data, initial[i].data(), outputs[i].bytes);
     std::mt19937_64 rng(orders[k].seed);
+    traffic.take();
+    traffic.on = k == 0 && logging_launches;  // counting costs a lookup per access: only for the ledger
     try {
       for (unsigned z : block_indices(grid.z)) {
         for (unsigned y : block_indices(grid.y)) {
@@ -453,10 +508,13 @@ void launch(const std::string& kernel, dim3 grid, dim3 block, size_t dynamic_sha
             b.block_idx = {x, y, z};
             b.in_block = true;
             run_block(b, orders[k], rng);
+            blocks_run += k == 0;
           }
         }
       }
     } catch (...) {
+      traffic.on = false;
+      traffic.take();
       b.in_block = false;
       b.running = nullptr;
       current_ids = nullptr;
@@ -464,7 +522,15 @@ void launch(const std::string& kernel, dim3 grid, dim3 block, size_t dynamic_sha
     }
     b.in_block = false;
     current_ids = nullptr;
-    for (size_t i = 0; i < outputs.size(); ++i) {
+    traffic.on = false;
+    if (k == 0 && logging_launches) {
+      const Traffic::Totals t = traffic.take();
+      launch_log += kernel + "\t" + csv(grid) + "\t" + csv(block) + "\t" + std::to_string(dynamic_shared_bytes) + "\t" +
+                    std::to_string(b.static_peak) + "\t" + std::to_string(t.read) + "\t" + std::to_string(t.written) +
+                    "\t" + std::to_string(t.requested_read) + "\t" + std::to_string(t.requested_written) + "\t" +
+                    std::to_string(blocks_run) + "\n";
+    }
+    for (size_t i = 0; i < outputs.size() && orders.size() > 1; ++i) {
       const auto* p = static_cast<const unsigned char*>(outputs[i].data);
       if (k == 0) {
         first_result.emplace_back(p, p + outputs[i].bytes);

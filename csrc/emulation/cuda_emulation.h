@@ -18,6 +18,13 @@
 // - ATTN_KERNELS_EMULATION_GRID=edges runs only the first two and last two blocks along each grid
 //   dimension, so that launches at the grid's limits can be tested in reasonable time.
 // - an H100's properties: 132 SMs, 48 KB of shared memory per block without opt-in.
+// - every launch is logged for the ledger (attn_kernels.ledger): its kernel, grid, block, shared
+//   memory, and the global-memory bytes its threads read and wrote through the kernel's pointer
+//   parameters in the first thread order (shared memory is not counted): requested (every access)
+//   and unique (each byte of a tensor once per launch: DRAM's traffic when caches keep what a
+//   launch reuses). Accesses through a pointer to const are reads, through a pointer to non-const
+//   writes: the kernels of csrc/ never read their outputs. ATTN_KERNELS_EMULATION_GRID=none logs
+//   launches without running any block.
 #pragma once
 
 #include <cmath>
@@ -70,18 +77,39 @@ extern const ThreadIds* current_ids;
 void* dynamic_shared(size_t* bytes);
 void* static_shared(const void* key, size_t bytes);
 
+// Global-memory traffic of the running launch, counted while `on` (its first thread order).
+struct Traffic {
+  bool on = false;
+  // Records an access to elements [at, at + count) of the tensor at `base` (`extent` elements of
+  // `element_size` bytes).
+  void touch(bool read, const void* base, int64_t extent, size_t element_size, int64_t at, int64_t count);
+  // Bytes read and written: requested, and unique per tensor; clears the counts.
+  struct Totals {
+    int64_t requested_read = 0, requested_written = 0, read = 0, written = 0;
+  };
+  Totals take();
+};
+extern Traffic traffic;
+
 // A pointer into one tensor (or shared array) that knows the extent it may touch.
 template <typename T>
 class CheckedPtr {
  public:
   CheckedPtr() = default;
   CheckedPtr(std::nullptr_t) {}  // NOLINT: converts like a raw pointer
-  CheckedPtr(T* base, int64_t extent, const char* name) : base_(base), extent_(extent), name_(name) {}
+  // `global`: a tensor's memory, whose traffic is counted (shared memory is not).
+  CheckedPtr(T* base, int64_t extent, const char* name, bool global = false)
+      : base_(base), extent_(extent), name_(name), global_(global) {}
   template <typename U, typename = std::enable_if_t<std::is_convertible_v<U*, T*>>>
   CheckedPtr(const CheckedPtr<U>& other)  // NOLINT: T* from U*, as for raw pointers
-      : base_(other.base_), extent_(other.extent_), offset_(other.offset_), name_(other.name_) {}
+      : base_(other.base_), extent_(other.extent_), offset_(other.offset_), name_(other.name_), global_(other.global_) {}
 
-  T& operator[](int64_t i) const { return *element(i, 1, alignof(T)); }
+  // A read through a pointer to const, a write otherwise (see the header comment).
+  T& operator[](int64_t i) const {
+    T* p = element(i, 1, alignof(T));
+    touch(std::is_const_v<T>, i, 1);
+    return *p;
+  }
   T& operator*() const { return (*this)[0]; }
   CheckedPtr operator+(int64_t d) const {
     CheckedPtr p = *this;
@@ -94,6 +122,9 @@ class CheckedPtr {
   T* base() const { return base_; }
   int64_t extent() const { return extent_; }
   const char* name() const { return name_; }
+  void touch(bool read, int64_t i, int64_t count) const {
+    if (global_ && traffic.on) traffic.touch(read, base_, extent_, sizeof(T), offset_ + i, count);
+  }
 
   // The address of elements [i, i + count), checked to lie in the extent and to be aligned to
   // `align` bytes (a misaligned vector access faults on the GPU).
@@ -124,6 +155,7 @@ class CheckedPtr {
   int64_t extent_ = 0;
   int64_t offset_ = 0;
   const char* name_ = nullptr;
+  bool global_ = false;
 };
 
 // The block's shared memory: the dynamic buffer of the launch, and the static arrays of
@@ -149,6 +181,7 @@ inline P load_pack(CheckedPtr<T> p, int64_t i) {
   constexpr int64_t kCount = sizeof(P) / sizeof(T);
   P v;
   std::memcpy(&v, p.element(i, kCount, alignof(P)), sizeof(P));
+  p.touch(true, i, kCount);
   return v;
 }
 
@@ -156,6 +189,7 @@ template <typename P, typename T>
 inline void store_pack(CheckedPtr<T> p, int64_t i, const P& v) {
   constexpr int64_t kCount = sizeof(P) / sizeof(T);
   std::memcpy(p.element(i, kCount, alignof(P)), &v, sizeof(P));
+  p.touch(false, i, kCount);
 }
 
 // Synchronization points of the running thread (fiber): they return when the block's
@@ -173,6 +207,12 @@ struct Output {
 };
 void launch(const std::string& kernel, dim3 grid, dim3 block, size_t dynamic_shared_bytes,
             void (*run_thread)(const void*), const void* closure, const std::vector<Output>& outputs);
+
+// The launches logged since the last call, one line each, the log cleared; launches are logged
+// from now on if `keep_logging`. A line: kernel \t grid x,y,z \t block x,y,z \t dynamic shared
+// bytes \t static shared bytes \t bytes read \t bytes written \t bytes requested by reads \t
+// bytes requested by writes \t blocks run.
+std::string take_launch_log(bool keep_logging);
 
 // A kernel's outputs are its pointers to non-const.
 template <typename T>

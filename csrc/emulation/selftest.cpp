@@ -2,6 +2,7 @@
 // show that the emulation catches what it claims to (tests/test_cuda_emulation.py):
 //   attn_kernels_emulated::_selftest(name, x) runs the kernel `name` on x (float32, 1-D) and
 //   returns its output; "copy" is the defect-free control.
+// Also the emulation's launch log for the ledger: attn_kernels_emulated::_launch_log.
 #include "common.cuh"
 
 namespace attn_kernels {
@@ -90,6 +91,8 @@ at::Tensor selftest(const std::string& name, const at::Tensor& x) {
 
 TORCH_LIBRARY_FRAGMENT(attn_kernels_emulated, m) {
   m.def("_selftest(str name, Tensor x) -> Tensor", &selftest);
+  // The ledger's view of the emulated launches (ak_emu::take_launch_log).
+  m.def("_launch_log(bool keep_logging) -> str", [](bool keep_logging) { return ak_emu::take_launch_log(keep_logging); });
 }
 
 }  // namespace attn_kernels
