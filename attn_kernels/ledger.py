@@ -19,7 +19,8 @@ What is counted, and how:
 
 Batch size: eager runs on the meta device at the real N (no data; exact). The fused kernels must
 run to be counted, so they run at N = 1 and N = 2 (SK: 2 and 3), and each launch's bytes at N are
-extrapolated as b(1) + (b(2) - b(1)) (N - 1). That is exact when a launch's work per sample does not depend on N.
+extrapolated as b(1) + (b(2) - b(1)) (N - 1). Where a kernel loads and stores depends on shapes,
+not values, so the torch ops around the kernels run on fake tensors there too (nothing computed). That is exact when a launch's work per sample does not depend on N.
 The ledger checks it against the launches made at the real N with no block run (a dry run, whose
 torch ops run on fake twins of their inputs): the same kernels and block sizes, and grids that are
 affine in N too. A row where the check fails says 'approximate'; the dry run's torch ops are exact.
@@ -108,11 +109,13 @@ class _Skipped(Exception):
 
 
 class Recorder:
-    """The launches of the code run under `with recorder:`, in order. dry_run: kernels are logged
-    and not run, torch ops run on fake twins of their inputs (outputs: uninitialized tensors)."""
+    """The launches of the code run under `with recorder:`, in order. fake_ops: torch ops run on
+    fake twins of their inputs (outputs: uninitialized tensors; nothing computed). dry_run: that,
+    and kernels are logged, not run."""
 
-    def __init__(self, dry_run: bool = False):
+    def __init__(self, dry_run: bool = False, fake_ops: bool = False):
         self.dry_run = dry_run
+        self.fake_ops = fake_ops or dry_run
         self.launches: List[Launch] = []
         self.saved: Dict[int, int] = {}  # storage -> bytes, of what autograd saved for backward
         self.parameters: set = set()     # storages of parameters: not counted as saved
@@ -323,7 +326,7 @@ class _TorchOps(TorchDispatchMode):
                 out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
             rec.take_emulated()
             return out
-        if rec.dry_run and func.overloadpacket.__name__ not in _RUN_FOR_REAL and not func.is_view:
+        if rec.fake_ops and func.overloadpacket.__name__ not in _RUN_FOR_REAL and not func.is_view:
             out = _on_fake(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
@@ -376,17 +379,17 @@ class Counted:
     saved: int                         # bytes saved for backward
 
 
-def count_module(module: torch.nn.Module, x: torch.Tensor, dry_run: bool = False) -> Counted:
-    """The launches of module(x) and of its backward for a dy of y's shape."""
+def count_module(module: torch.nn.Module, x: torch.Tensor, dry_run: bool = False, fake_ops: bool = False) -> Counted:
+    """The launches of module(x) and of its backward for a dy of y's shape (see Recorder)."""
     x = x.detach().requires_grad_()
     leaves = [x] + [p for p in module.parameters() if p.requires_grad]
-    rec = Recorder(dry_run)
+    rec = Recorder(dry_run, fake_ops)
     rec.parameters = {_storage_key(p) for p in module.parameters()}
     with rec:
         with rec.saved_tensors():
             y = module(x)
         fwd = rec.take()
-        dy = torch.empty_like(y) if dry_run or y.device.type == "meta" else torch.randn_like(y)
+        dy = torch.empty_like(y) if rec.fake_ops or y.device.type == "meta" else torch.randn_like(y)
         rec.take()  # making dy is not the backward's work
         torch.autograd.grad(y, leaves, dy, allow_unused=True)
         bwd = rec.take()
@@ -474,7 +477,9 @@ def measure(case: Case, batches: List[int]) -> Measured:
     fused, exact = {}, {}
     with backends.use_backend(case.backend):
         module = block.fused(case.c).to(dtype)
-        small = {n: count_module(module, make_input(n, *shape, dtype, case.layout))
+        # Where the kernels load and store does not depend on the values: the torch ops around them
+        # (convs, the MLP) need not compute.
+        small = {n: count_module(module, make_input(n, *shape, dtype, case.layout), fake_ops=True)
                  for n in SMALL_BATCHES.get(case.block, DEFAULT_SMALL_BATCHES)}
         for n in batches:
             dry = count_module(module, make_input(n, *shape, dtype, case.layout, empty=True), dry_run=True)
@@ -783,7 +788,7 @@ def readme_table(rows: List[dict]) -> str:
 
             def floor(d):
                 v = got[False, d]["floor_mb"]
-                return f"{float(v) / x:g}" if v else "-"
+                return f"{float(v) / x:.2f}" if v else "-"
 
             fb_e, fb_f = got[True, "fwd+bwd"], got[False, "fwd+bwd"]
             floor_us = f"{float(fb_f['floor_h100_us']):.0f}" if fb_f["floor_h100_us"] else "-"
@@ -878,6 +883,7 @@ def parse_args(argv=None):
 
 def _measure_logged(job):
     case, batches = job
+    torch.set_num_threads(1)  # one process per core
     try:
         return measure(case, batches), None
     except Exception as e:  # reported with its case, the other cases go on

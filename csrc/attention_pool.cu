@@ -41,7 +41,7 @@ __device__ __forceinline__ T exp_acc(T v) {
   }
 }
 
-// Where element i of a tile of `pixels` pixels starting at hw0 lies: tile[p*C + c] in shared
+// Where element i of a tile of `pixels` pixels starting at hw0 lies: tile[p*stride + c] in shared
 // memory, offset in x. Consecutive i are consecutive in memory in either layout.
 struct TileIndex {
   int p;
@@ -59,13 +59,22 @@ __device__ __forceinline__ TileIndex tile_index(int i, int pixels, int64_t n, in
   return {p, c, (n * C + c) * HW + hw0 + p};
 }
 
-// Stages the tile of `pixels` pixels from hw0 of sample n in shared memory, as tile[p*C + c].
+// The row stride (elements) of a staged tile: C padded to an odd number of 4-byte words (8-byte
+// units for fp64). In NCHW consecutive threads stage consecutive pixels of one channel, a row
+// apart: with C a multiple of 32 words, unpadded, all of a warp's stores would hit one bank.
+__host__ __device__ __forceinline__ int64_t tile_stride(int64_t C, int64_t element_size) {
+  return element_size == 2 ? C + (6 - C % 4) % 4  // = 2 (mod 4): an odd number of words
+                           : C | 1;
+}
+
+// Stages the tile of `pixels` pixels from hw0 of sample n in shared memory, as tile[p*stride + c].
 template <typename scalar_t>
 __device__ __forceinline__ void load_tile(dev_ptr<scalar_t> tile, dev_ptr<const scalar_t> x, int pixels, int64_t n,
                                           int64_t hw0, int64_t C, int64_t HW, bool nhwc) {
+  const int64_t stride = tile_stride(C, sizeof(scalar_t));
   for (int i = threadIdx.x; i < pixels * C; i += kThreads) {
     const TileIndex t = tile_index(i, pixels, n, hw0, C, HW, nhwc);
-    tile[t.p * C + t.c] = x[t.offset];
+    tile[t.p * stride + t.c] = x[t.offset];
   }
   __syncthreads();
 }
@@ -92,6 +101,7 @@ __global__ void __launch_bounds__(kThreads) attention_pool_kernel(
     dev_ptr<acc_t> part_max, dev_ptr<acc_t> part_sum, int64_t N, int64_t C, int64_t HW, int64_t hw_per_split,
     int tile_pixels, bool nhwc) {
   AK_DYNAMIC_SHARED(scalar_t, tile);
+  const int64_t stride = tile_stride(C, sizeof(scalar_t));  // of the tile's rows
   AK_SHARED(acc_t, logits, kMaxTilePixels);
   AK_SHARED(acc_t, tile_max_rescale, 2);  // the tile's new running max, and exp(old max - new max)
 
@@ -109,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) attention_pool_kernel(
     const int pixels = int(min(int64_t(tile_pixels), end - hw0));
     load_tile(tile, x, pixels, n, hw0, C, HW, nhwc);
     for (int p = warp; p < pixels; p += kWarps) {
-      const acc_t l = pixel_dot<acc_t>(tile + p * C, weight, C, lane) + b;
+      const acc_t l = pixel_dot<acc_t>(tile + p * stride, weight, C, lane) + b;
       if (lane == 0) logits[p] = l;
     }
     __syncthreads();
@@ -135,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) attention_pool_kernel(
       const int64_t c = threadIdx.x + k * kThreads;
       if (c < C) {
         acc_t sum = 0;
-        for (int p = 0; p < pixels; ++p) sum += logits[p] * static_cast<acc_t>(tile[p * C + c]);
+        for (int p = 0; p < pixels; ++p) sum += logits[p] * static_cast<acc_t>(tile[p * stride + c]);
         acc[k] = acc[k] * rescale + sum;
       }
     }
@@ -159,6 +169,7 @@ __global__ void __launch_bounds__(kThreads) attention_pool_backward_kernel(
     dev_ptr<scalar_t> dx, dev_ptr<acc_t> part_dweight, int64_t N, int64_t C, int64_t HW, int64_t hw_per_split,
     int tile_pixels, bool nhwc) {
   AK_DYNAMIC_SHARED(scalar_t, tile);
+  const int64_t stride = tile_stride(C, sizeof(scalar_t));  // of the tile's rows
   AK_SHARED(acc_t, attn, kMaxTilePixels);
   AK_SHARED(acc_t, dlogits, kMaxTilePixels);
 
@@ -177,8 +188,8 @@ __global__ void __launch_bounds__(kThreads) attention_pool_backward_kernel(
     const int pixels = int(min(int64_t(tile_pixels), end - hw0));
     load_tile(tile, x, pixels, n, hw0, C, HW, nhwc);
     for (int p = warp; p < pixels; p += kWarps) {
-      const acc_t l = pixel_dot<acc_t>(tile + p * C, weight, C, lane) + b;
-      const acc_t u_minus_k = pixel_centered_dot<acc_t>(tile + p * C, ctx, dctx, C, lane);
+      const acc_t l = pixel_dot<acc_t>(tile + p * stride, weight, C, lane) + b;
+      const acc_t u_minus_k = pixel_centered_dot<acc_t>(tile + p * stride, ctx, dctx, C, lane);
       if (lane == 0) {
         const acc_t a = exp_acc(l - lse_n);
         attn[p] = a;
@@ -198,7 +209,7 @@ __global__ void __launch_bounds__(kThreads) attention_pool_backward_kernel(
       const int64_t c = threadIdx.x + k * kThreads;
       if (c < C) {
         acc_t sum = 0;
-        for (int p = 0; p < pixels; ++p) sum += dlogits[p] * static_cast<acc_t>(tile[p * C + c]);
+        for (int p = 0; p < pixels; ++p) sum += dlogits[p] * static_cast<acc_t>(tile[p * stride + c]);
         dw[k] += sum;
       }
     }
@@ -217,18 +228,19 @@ struct Plan {
   int tile_pixels;
   int64_t splits;
   int64_t per_split;
+  size_t tile_bytes;  // the dynamic shared memory of a block: tile_pixels padded rows
 };
 
 Plan plan_for(const at::Tensor& x) {
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const int64_t per_pixel = C * x.element_size();
+  const int64_t per_pixel = tile_stride(C, x.element_size()) * x.element_size();
   const int tile_pixels = int(std::max<int64_t>(1, std::min<int64_t>({kMaxTilePixels, kTileBytes / per_pixel, HW})));
   const int64_t want = (int64_t(num_sms()) * 4 + N - 1) / N;
   int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, (HW + tile_pixels - 1) / tile_pixels));
   int64_t per_split = (HW + splits - 1) / splits;
   per_split = (per_split + tile_pixels - 1) / tile_pixels * tile_pixels;  // whole tiles
   splits = (HW + per_split - 1) / per_split;
-  return {tile_pixels, splits, per_split};
+  return {tile_pixels, splits, per_split, size_t(tile_pixels * per_pixel)};
 }
 
 void check_weights(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
@@ -258,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool(const at::Tensor& x, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     launch<attention_pool_kernel<scalar_t, acc_t>>(
-        op, N, plan.splits, kThreads, size_t(plan.tile_pixels) * C * sizeof(scalar_t), device_ptr<const scalar_t>(x, "x"),
+        op, N, plan.splits, kThreads, plan.tile_bytes, device_ptr<const scalar_t>(x, "x"),
         device_ptr<const acc_t>(weight, "weight"), device_ptr<const acc_t>(bias, "bias"),
         device_ptr<acc_t>(part_acc, "part_acc"), device_ptr<acc_t>(part_max, "part_max"),
         device_ptr<acc_t>(part_sum, "part_sum"), N, C, HW, plan.per_split, plan.tile_pixels,
@@ -298,7 +310,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward(const at::Tensor& dy,
     using acc_t = at::acc_type<scalar_t, true>;
     const auto run = [&](auto kernel) {
       launch<decltype(kernel)::value>(
-          op, N, plan.splits, kThreads, size_t(plan.tile_pixels) * C * sizeof(scalar_t),
+          op, N, plan.splits, kThreads, plan.tile_bytes,
           device_ptr<const scalar_t>(dy, "dy"), device_ptr<const scalar_t>(x, "x"),
           device_ptr<const acc_t>(gate.has_value() ? &*gate : nullptr, "gate"),
           device_ptr<const acc_t>(dcontext, "dcontext"), device_ptr<const acc_t>(weight, "weight"),

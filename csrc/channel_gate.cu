@@ -19,8 +19,8 @@ namespace attn_kernels {
 namespace {
 
 // out = a*gate[s] + bias[s] + (x == xmax[s]) * tie_coef[s], s the (n, c) index of the element.
-// VEC elements per memory instruction; VEC divides the contiguous dimension (H*W or C), so a
-// pack never straddles two (n, c) statistics in NCHW and covers VEC consecutive channels in NHWC.
+// VEC elements per memory instruction (pack_elements); VEC divides the contiguous dimension (H*W or
+// C), so a pack never straddles two (n, c) statistics in NCHW and covers VEC consecutive channels in NHWC.
 template <typename scalar_t, typename acc_t, int VEC, bool kBias, bool kTies>
 __global__ void gate_apply_kernel(dev_ptr<const scalar_t> a, dev_ptr<const acc_t> gate, dev_ptr<const acc_t> bias,
                                   dev_ptr<const scalar_t> x, dev_ptr<const acc_t> xmax,
@@ -63,10 +63,8 @@ void launch_gate_apply(const at::Tensor& a, const at::Tensor& gate, const at::Te
   const int64_t contiguous_dim = layout == Layout::kNHWC ? C : HW;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "channel_gate_apply", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vectorize =
-        contiguous_dim % kVec == 0 && aligned16(a) && aligned16(out) && (!kTies || aligned16(*x));
-    const auto run = [&](auto vec) {
+    const int vec = pack_elements<scalar_t>(contiguous_dim, {&a, &out, kTies ? x : nullptr});
+    with_pack<scalar_t>(vec, [&](auto vec) {
       constexpr int kPack = decltype(vec)::value;
       launch<gate_apply_kernel<scalar_t, acc_t, kPack, kBias, kTies>>(
           "channel_gate_apply", elementwise_blocks(numel / kPack), 1, kElementwiseThreads, 0,
@@ -74,12 +72,7 @@ void launch_gate_apply(const at::Tensor& a, const at::Tensor& gate, const at::Te
           device_ptr<const acc_t>(bias, "bias"), device_ptr<const scalar_t>(x, "x"),
           device_ptr<const acc_t>(xmax, "xmax"), device_ptr<const acc_t>(tie_coef, "tie_coef"),
           device_ptr<scalar_t>(out, "out"), numel, C, HW, layout == Layout::kNHWC);
-    };
-    if (vectorize) {
-      run(std::integral_constant<int, kVec>{});
-    } else {
-      run(std::integral_constant<int, 1>{});
-    }
+    });
   });
 }
 

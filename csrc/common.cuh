@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 
 #include "library.h"
@@ -162,8 +163,39 @@ inline int64_t elementwise_blocks(int64_t packs) {
   return std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(num_sms()) * 32));
 }
 
-// Whether a tensor's data can be read with 16-byte vector instructions.
-inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+// The elements per memory instruction of an elementwise kernel: the widest power of two, up to 16
+// bytes, that divides `contiguous` (the length of the rows a pack must not straddle: H*W in NCHW,
+// C in NHWC) and the alignment of every tensor given (null ones aside). bf16 at 7x7 takes 1, at
+// 14x14 4 (8 bytes), where 16-byte packs alone would leave both one element at a time.
+template <typename scalar_t>
+int pack_elements(int64_t contiguous, std::initializer_list<const at::Tensor*> tensors) {
+  int vec = 16 / int(sizeof(scalar_t));
+  const auto fits = [&](int v) {
+    if (contiguous % v != 0) return false;
+    for (const at::Tensor* t : tensors) {
+      if (t != nullptr && reinterpret_cast<uintptr_t>(t->data_ptr()) % (v * sizeof(scalar_t)) != 0) return false;
+    }
+    return true;
+  };
+  while (vec > 1 && !fits(vec)) vec /= 2;
+  return vec;
+}
+
+// Calls f(std::integral_constant<int, vec>{}) for a width pack_elements<scalar_t> returned.
+template <typename scalar_t, typename F>
+void with_pack(int vec, const F& f) {
+  constexpr int kMax = 16 / int(sizeof(scalar_t));
+  if constexpr (kMax >= 8) {
+    if (vec == 8) return f(std::integral_constant<int, 8>{});
+  }
+  if constexpr (kMax >= 4) {
+    if (vec == 4) return f(std::integral_constant<int, 4>{});
+  }
+  if constexpr (kMax >= 2) {
+    if (vec == 2) return f(std::integral_constant<int, 2>{});
+  }
+  f(std::integral_constant<int, 1>{});
+}
 
 // The larger of a and b, NaN if either is NaN, as torch.amax (CUDA's max and fmaxf drop a NaN).
 template <typename T>

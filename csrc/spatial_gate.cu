@@ -23,9 +23,10 @@ namespace {
 // NHWC reductions over C: pixels a warp walks per channel chunk. Pooling keeps 3 accumulators per
 // pixel and lane (sum, max, ties): 8 pixels hold it near 64 registers, where 16 took 100 to 150.
 // The gradient keeps one, and writes its share of dca per warp tile and channel, (H*W / pixels)
-// partials read again: 32 pixels keep them to 1/32 of dy's bytes per 4-byte partial.
+// partials read again: 16 pixels keep them to 1/16 of dy's bytes per 4-byte partial (at 32 the
+// unrolled pixel loop takes over 200 registers).
 template <bool kGrad>
-constexpr int kPixelsPerWarp = kGrad ? 32 : 8;
+constexpr int kPixelsPerWarp = kGrad ? 16 : 8;
 
 // The reductions over C split the channels into chunks of `chunk` (a multiple of 32), one warp per
 // (sample, pixel tile, chunk), when the samples' pixel tiles alone would leave the GPU idle: at
@@ -321,10 +322,8 @@ void launch_spatial_apply(const at::Tensor& a, const at::Tensor& sa, const Apply
   const int64_t contiguous_dim = layout == Layout::kNHWC ? C : HW;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "spatial_gate_apply", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    const bool vectorize =
-        contiguous_dim % kVec == 0 && aligned16(a) && aligned16(out) && (!kSpatialGrad || aligned16(*args.x));
-    const auto run = [&](auto vec) {
+    const int vec = pack_elements<scalar_t>(contiguous_dim, {&a, &out, kSpatialGrad ? args.x : nullptr});
+    with_pack<scalar_t>(vec, [&](auto vec) {
       constexpr int kPack = decltype(vec)::value;
       launch<spatial_apply_kernel<scalar_t, acc_t, kPack, kHasCa, kSpatialGrad, kChannelGrad>>(
           "spatial_gate_apply", elementwise_blocks(numel / kPack), 1, kElementwiseThreads, 0,
@@ -334,12 +333,7 @@ void launch_spatial_apply(const at::Tensor& a, const at::Tensor& sa, const Apply
           device_ptr<const acc_t>(args.pmax, "pmax"), device_ptr<const acc_t>(args.cbias, "cbias"),
           device_ptr<const acc_t>(args.cmax, "cmax"), device_ptr<const acc_t>(args.ctie, "ctie"),
           device_ptr<scalar_t>(out, "out"), numel, C, HW, layout == Layout::kNHWC);
-    };
-    if (vectorize) {
-      run(std::integral_constant<int, kVec>{});
-    } else {
-      run(std::integral_constant<int, 1>{});
-    }
+    });
   });
 }
 
