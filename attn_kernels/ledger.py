@@ -18,12 +18,15 @@ What is counted, and how:
   (saved_tensors_hooks).
 
 Batch size: eager runs on the meta device at the real N (no data; exact). The fused kernels must
-run to be counted, so they run at N = 1 and N = 2 (SK: 2 and 3), and each launch's bytes at N are
-extrapolated as b(1) + (b(2) - b(1)) (N - 1). Where a kernel loads and stores depends on shapes,
-not values, so the torch ops around the kernels run on fake tensors there too (nothing computed). That is exact when a launch's work per sample does not depend on N.
-The ledger checks it against the launches made at the real N with no block run (a dry run, whose
-torch ops run on fake twins of their inputs): the same kernels and block sizes, and grids that are
-affine in N too. A row where the check fails says 'approximate'; the dry run's torch ops are exact.
+run to be counted, so they run at two small consecutive batches, N = 1 and 2 (SK in eval mode, where
+its BatchNorm takes N = 1), or the smallest pair that launches the kernels launched at N where a
+launcher chooses its kernels from N, and each launch's bytes at N are extrapolated as
+b(n1) + (b(n1 + 1) - b(n1)) (N - n1). Where a kernel loads and stores depends on shapes, not
+values, so the torch ops around the kernels run on fake tensors there (nothing computed). The extrapolation is exact when a launch's work per sample
+does not depend on N. The ledger checks it against the launches made at the real N with no block
+run (a dry run, whose torch ops run on fake twins of their inputs): the same kernels and block
+sizes, and grids that are affine in N too. A row where the check fails says 'approximate'; the
+dry run's torch ops are exact.
 
 Estimates, labelled as such wherever they appear: the time of a row on an H100 and an H200 is its
 bytes over the copy bandwidth (3.0 and 4.3 TB/s, bytes read plus written) plus its launches times
@@ -74,10 +77,9 @@ KERNEL_BACKENDS = {
     "gca": ("cuda", "triton"), "sam_spatial": ("cuda", "triton"), "sam": ("triton",), "resatt": ("triton",),
     "at": ("triton",), "sk": ("triton",),
 }
-# The batch sizes the kernels are counted at, extrapolated from: SK's BatchNorm over the pooled
-# (N, C) needs N >= 2 in training.
-SMALL_BATCHES = {"sk": (2, 3)}
-DEFAULT_SMALL_BATCHES = (1, 2)
+# Blocks whose kernels are counted in eval mode: SK's BatchNorm over the pooled (N, C) needs N >= 2
+# in training; its kernels are the same in eval (the dry run at N, in training, checks their names).
+COUNTED_IN_EVAL = {"sk"}
 
 
 @dataclass
@@ -157,12 +159,12 @@ class Recorder:
         if backends.cuda_emulation_error() is not None:
             return
         for line in torch.ops.attn_kernels_emulated._launch_log(True).splitlines():
-            name, grid, block, dynamic, static, read, written, req_read, req_written, _ = line.split("\t")
+            name, grid, block, dynamic, shared, read, written, req_read, req_written, _ = line.split("\t")
             threads = math.prod(int(v) for v in block.split(","))
             self.launches.append(Launch(
                 name=name, kind="cuda", read=int(read), written=int(written), requested_read=int(req_read),
                 requested_written=int(req_written), grid=tuple(int(v) for v in grid.split(",")), threads=threads,
-                shared=int(dynamic) + int(static)))
+                shared=max(int(dynamic), int(shared))))
 
     def saved_tensors(self):
         """saved_tensors_hooks that note what autograd keeps."""
@@ -461,7 +463,22 @@ class Measured:
     eager: Dict[int, Counted]
     fused: Dict[int, Counted]
     exact: Dict[int, bool]
+    counted_at: Dict[int, Tuple[int, int]]  # the two batch sizes the kernels were counted at
     seconds: float
+
+
+@contextlib.contextmanager
+def _training(module: torch.nn.Module, mode: bool):
+    was = module.training
+    module.train(mode)
+    try:
+        yield
+    finally:
+        module.train(was)
+
+
+def _kernel_names(counted: Counted) -> Dict[str, List[str]]:
+    return {d: [k.name for k in kernels_of(launches)] for d, launches in counted.launches.items()}
 
 
 def measure(case: Case, batches: List[int]) -> Measured:
@@ -474,21 +491,39 @@ def measure(case: Case, batches: List[int]) -> Measured:
     eager_module = block.eager(case.c).to(dtype)
     eager = {n: count_module(eager_module.to("meta"), make_input(n, *shape, dtype, case.layout, device="meta"))
              for n in batches}
-    fused, exact = {}, {}
+    fused, exact, counted_at, small = {}, {}, {}, {}
     with backends.use_backend(case.backend):
         module = block.fused(case.c).to(dtype)
-        # Where the kernels load and store does not depend on the values: the torch ops around them
-        # (convs, the MLP) need not compute.
-        small = {n: count_module(module, make_input(n, *shape, dtype, case.layout), fake_ops=True)
-                 for n in SMALL_BATCHES.get(case.block, DEFAULT_SMALL_BATCHES)}
+
+        def at(n):  # the kernels counted at batch n; the torch ops around them need not compute
+            if n not in small:
+                with _training(module, case.block not in COUNTED_IN_EVAL):
+                    small[n] = count_module(module, make_input(n, *shape, dtype, case.layout), fake_ops=True)
+            return small[n]
+
+        def dry_run(n, small_batch=True):
+            with _training(module, not small_batch or case.block not in COUNTED_IN_EVAL):
+                return count_module(module, make_input(n, *shape, dtype, case.layout, empty=True), dry_run=True)
+
         for n in batches:
-            dry = count_module(module, make_input(n, *shape, dtype, case.layout, empty=True), dry_run=True)
-            launches, exact[n] = scaled_to(dry, small, n)
+            dry = dry_run(n, small_batch=False)
+            # The two smallest consecutive batches that launch the kernels launched at n (found by dry
+            # runs, which cost nothing): a launcher may choose its kernels from N (a split of C and
+            # the kernel combining it, where the samples alone would leave SMs idle).
+            n1 = 1
+            wanted = _kernel_names(dry)
+            while n1 < n and not (_kernel_names(dry_run(n1)) == wanted == _kernel_names(dry_run(n1 + 1))):
+                n1 += 1
+            if n1 >= n:
+                raise LedgerError(f"{case}: no batch sizes below N = {n} launch the kernels launched at N = {n}: "
+                                  f"{wanted}")
+            counted_at[n] = (n1, n1 + 1)
+            launches, exact[n] = scaled_to(dry, {k: at(k) for k in counted_at[n]}, n)
             fused[n] = Counted(launches, dry.saved)
     kinds = {launch.kind for counted in fused.values() for ls in counted.launches.values() for launch in ls}
     if case.backend not in kinds:
         raise LedgerError(f"{case}: no {case.backend} kernel ran (the fused path fell back to another backend)")
-    return Measured(case, eager, fused, exact, time.perf_counter() - start)
+    return Measured(case, eager, fused, exact, counted_at, time.perf_counter() - start)
 
 
 # ---- registers and shared memory: the kernels compiled for sm_90a ----------------------------------
@@ -626,7 +661,6 @@ def ledger_rows(m: Measured, environment: dict) -> List[dict]:
     from attn_kernels.bench import BLOCKS
 
     case, passes = m.case, BLOCKS[m.case.block].passes
-    small = ",".join(map(str, SMALL_BATCHES.get(case.block, DEFAULT_SMALL_BATCHES)))
     rows = []
     for n in sorted(m.fused):
         x_bytes = n * case.c * case.h * case.w * DTYPES[case.dtype].itemsize
@@ -657,8 +691,8 @@ def ledger_rows(m: Measured, environment: dict) -> List[dict]:
                     "floor_h100_us": floor / (BANDWIDTH_TBPS["H100"] * 1e6) if floor else None,
                     "floor_h200_us": floor / (BANDWIDTH_TBPS["H200"] * 1e6) if floor else None,
                     "counting": ("meta tensors at N (exact)" if not fused else
-                                 f"kernels from N={small}: exact" if m.exact[n] else
-                                 f"kernels from N={small}: approximate (a grid not affine in N)"),
+                                 f"kernels from N={m.counted_at[n][0]},{m.counted_at[n][1]}: "
+                                 + ("exact" if m.exact[n] else "approximate (a grid not affine in N)")),
                     **environment,
                 })
     return rows
@@ -926,8 +960,8 @@ def main(argv=None) -> int:
     for case in [c for c in cases if c.backend in unavailable]:
         log(f"skipped {case}: {unavailable[case.backend]}")
     cases = [c for c in cases if c.backend not in unavailable]
-    log(f"counting {len(cases)} cases at N = 1 and 2 (kernels; SK 2 and 3) and at N = {', '.join(map(str, args.batch))} "
-        f"(dry runs, eager on meta), {args.jobs} processes")
+    log(f"counting {len(cases)} cases: kernels at two small batches, torch ops and launches at "
+        f"N = {', '.join(map(str, args.batch))} (dry runs, eager on meta), {args.jobs} processes")
     measured, failures = [], []
     jobs = [(c, args.batch) for c in cases]
     with contextlib.ExitStack() as stack:
@@ -961,7 +995,7 @@ def main(argv=None) -> int:
     print("Ledger: DRAM bytes (read + written, each byte of a tensor once per launch) and launches, counted on "
           "this machine's CPU;\n'est' columns are ESTIMATES for an H100 (bytes / "
           f"{BANDWIDTH_TBPS['H100']} TB/s + {LAUNCH_US:g} us per launch), not measurements. "
-          "'~': kernel bytes extrapolated from N = 1, 2 where a grid is not affine in N.\n")
+          "'~': kernel bytes extrapolated from two small batches where a grid is not affine in N.\n")
     print_ledger(ledger)
     print_occupancy(occupancy_table)
     os.makedirs(args.out, exist_ok=True)

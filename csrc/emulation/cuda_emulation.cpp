@@ -30,12 +30,22 @@ Traffic::Totals requested;
 
 void Traffic::touch(bool read, const void* base, int64_t extent, size_t element_size, int64_t at, int64_t count) {
   (read ? requested.requested_read : requested.requested_written) += count * int64_t(element_size);
-  Footprint& f = footprints[base];
-  std::vector<uint64_t>& bits = read ? f.read : f.written;
-  if (bits.empty()) {
-    f.element_size = element_size;
-    bits.assign(size_t(extent + 63) / 64, 0);
+  // Consecutive accesses mostly go to the tensor of the last one: skip the map's lookup for it.
+  static const void* last_base = nullptr;
+  static bool last_read = false;
+  static std::vector<uint64_t>* last_bits = nullptr;
+  if (base != last_base || read != last_read || footprints.empty()) {
+    Footprint& f = footprints[base];
+    std::vector<uint64_t>& bits = read ? f.read : f.written;
+    if (bits.empty()) {
+      f.element_size = element_size;
+      bits.assign(size_t(extent + 63) / 64, 0);
+    }
+    last_base = base;
+    last_read = read;
+    last_bits = &bits;
   }
+  std::vector<uint64_t>& bits = *last_bits;
   for (int64_t i = at; i < at + count; ++i) bits[size_t(i) / 64] |= uint64_t(1) << (i % 64);
 }
 
@@ -140,7 +150,7 @@ struct Block {
   alignas(16) unsigned char arena[kSharedPerBlock];
   size_t dynamic_bytes = 0;
   size_t static_end = 0;
-  size_t static_peak = 0;  // the launch's static shared memory (static_end of its blocks)
+  size_t static_peak = 0;  // the launch's shared memory, dynamic and static (static_end of its blocks)
   std::vector<std::pair<const void*, size_t>> static_arrays;  // key, offset
 };
 

@@ -210,8 +210,8 @@ void launch(const std::string& kernel, dim3 grid, dim3 block, size_t dynamic_sha
 
 // The launches logged since the last call, one line each, the log cleared; launches are logged
 // from now on if `keep_logging`. A line: kernel \t grid x,y,z \t block x,y,z \t dynamic shared
-// bytes \t static shared bytes \t bytes read \t bytes written \t bytes requested by reads \t
-// bytes requested by writes \t blocks run.
+// bytes \t shared bytes in all (dynamic and static; 0 until a block has run) \t bytes read \t
+// bytes written \t bytes requested by reads \t bytes requested by writes \t blocks run.
 std::string take_launch_log(bool keep_logging);
 
 // A kernel's outputs are its pointers to non-const.
