@@ -55,6 +55,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attn_kernels import backends
+from attn_kernels.bench import BLOCKS, DTYPES, LAYOUTS, RESNET50_STAGES as STAGES, git_commit
 
 # Copy bandwidth, bytes read + written per second (DESIGN.md), and the cost of one launch: eager
 # PyTorch's dispatch plus a kernel's start and drain back to back on the stream, about 3 us.
@@ -66,10 +67,9 @@ SHARED_PER_SM, SHARED_RESERVED_PER_BLOCK = 228 * 1024, 1024
 # An activation-sized pass keeps ~2 MB in flight (3 TB/s x ~0.7 us): about 8 warps per SM, each with
 # several 16-byte loads outstanding. A launch with fewer warps in flight leaves the GPU idle.
 WARPS_IN_FLIGHT_WANTED = SMS * 8
+# A launch moving at least this fraction of |x| is an activation-sized pass, held to that rule.
+ACTIVATION_PASS_FRACTION = 0.25
 
-STAGES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]  # ResNet-50's SE sites
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 DIRECTIONS = ("fwd", "bwd")
 # The kernel backends of each block's fused path, the one 'auto' takes on a GPU first.
 KERNEL_BACKENDS = {
@@ -482,8 +482,6 @@ def _kernel_names(counted: Counted) -> Dict[str, List[str]]:
 
 
 def measure(case: Case, batches: List[int]) -> Measured:
-    from attn_kernels.bench import BLOCKS
-
     start = time.perf_counter()
     block, dtype = BLOCKS[case.block], DTYPES[case.dtype]
     shape = (case.c, case.h, case.w)
@@ -623,10 +621,6 @@ def occupancy(launch: Launch, registers: Optional[int], shared: int, x_fraction:
     }
 
 
-# A launch moving at least this fraction of |x| is an activation-sized pass, held to the fill rule.
-ACTIVATION_PASS_FRACTION = 0.25
-
-
 # ---- rows: the ledger and the occupancy tables -----------------------------------------------------
 
 LEDGER_COLUMNS = [
@@ -658,8 +652,6 @@ def estimate_us(bytes_moved: float, launches: int, gpu: str) -> float:
 
 
 def ledger_rows(m: Measured, environment: dict) -> List[dict]:
-    from attn_kernels.bench import BLOCKS
-
     case, passes = m.case, BLOCKS[m.case.block].passes
     rows = []
     for n in sorted(m.fused):
@@ -708,8 +700,6 @@ def occupancy_rows(m: Measured, resources: dict, environment: dict) -> List[dict
                 compiled = resources_of(launch, resources)
                 registers = compiled["registers"] if compiled else None
                 shared = launch.shared if launch.kind == "cuda" else (compiled["shared"] if compiled else 0)
-                if launch.kind == "cuda" and compiled:
-                    shared = max(shared, launch.shared)
                 x_fraction = (launch.read + launch.written) / x_bytes
                 occ = occupancy(launch, registers, shared, x_fraction)
                 rows.append({
@@ -795,7 +785,7 @@ def read_csv(path: str) -> List[dict]:
         return list(csv.DictReader(f))
 
 
-README_STAGES = [(256, 56, 56), (2048, 7, 7)]
+README_STAGES = [STAGES[0], STAGES[-1]]  # the first and last ResNet-50 stages
 README_BEGIN = "<!-- ledger:begin (generated: python -m attn_kernels.ledger --readme-only README.md; do not edit) -->"
 README_END = "<!-- ledger:end -->"
 
@@ -940,8 +930,6 @@ def main(argv=None) -> int:
         # The Triton kernels run in the interpreter here: it must be on before triton is imported.
         os.environ["TRITON_INTERPRET"] = "1"
         return subprocess.call([sys.executable, "-m", "attn_kernels.ledger", *(argv or sys.argv[1:])])
-    from attn_kernels.bench import git_commit
-
     import triton
 
     start = time.perf_counter()

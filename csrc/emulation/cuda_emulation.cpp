@@ -26,15 +26,15 @@ struct Footprint {
 };
 std::unordered_map<const void*, Footprint> footprints;
 Traffic::Totals requested;
+// Consecutive accesses mostly go to the tensor of the last one: its bits, without the map's lookup.
+const void* last_base = nullptr;
+bool last_read = false;
+std::vector<uint64_t>* last_bits = nullptr;
 }  // namespace
 
 void Traffic::touch(bool read, const void* base, int64_t extent, size_t element_size, int64_t at, int64_t count) {
   (read ? requested.requested_read : requested.requested_written) += count * int64_t(element_size);
-  // Consecutive accesses mostly go to the tensor of the last one: skip the map's lookup for it.
-  static const void* last_base = nullptr;
-  static bool last_read = false;
-  static std::vector<uint64_t>* last_bits = nullptr;
-  if (base != last_base || read != last_read || footprints.empty()) {
+  if (last_bits == nullptr || base != last_base || read != last_read) {
     Footprint& f = footprints[base];
     std::vector<uint64_t>& bits = read ? f.read : f.written;
     if (bits.empty()) {
@@ -56,6 +56,7 @@ Traffic::Totals Traffic::take() {
     for (uint64_t w : f.written) t.written += __builtin_popcountll(w) * int64_t(f.element_size);
   }
   footprints.clear();
+  last_bits = nullptr;
   requested = Totals{};
   return t;
 }
@@ -150,7 +151,7 @@ struct Block {
   alignas(16) unsigned char arena[kSharedPerBlock];
   size_t dynamic_bytes = 0;
   size_t static_end = 0;
-  size_t static_peak = 0;  // the launch's shared memory, dynamic and static (static_end of its blocks)
+  size_t shared_peak = 0;  // the launch's shared memory, dynamic and static (static_end of its blocks)
   std::vector<std::pair<const void*, size_t>> static_arrays;  // key, offset
 };
 
@@ -460,7 +461,7 @@ void* static_shared(const void* key, size_t bytes) {
   std::memset(b.arena + offset, 0xff, bytes);
   b.static_arrays.emplace_back(key, offset);
   b.static_end = (offset + bytes + 15) / 16 * 16;
-  b.static_peak = std::max(b.static_peak, offset + bytes);
+  b.shared_peak = std::max(b.shared_peak, offset + bytes);
   return b.arena + offset;
 }
 
@@ -495,7 +496,7 @@ void launch(const std::string& kernel, dim3 grid, dim3 block, size_t dynamic_sha
   b.run_thread = run_thread;
   b.closure = closure;
   b.dynamic_bytes = dynamic_shared_bytes;
-  b.static_peak = 0;
+  b.shared_peak = 0;
   b.fibers.assign(size_t(block.x) * block.y * block.z, Fiber());
   b.error = nullptr;
   uint64_t blocks_run = 0;
@@ -536,7 +537,7 @@ void launch(const std::string& kernel, dim3 grid, dim3 block, size_t dynamic_sha
     if (k == 0 && logging_launches) {
       const Traffic::Totals t = traffic.take();
       launch_log += kernel + "\t" + csv(grid) + "\t" + csv(block) + "\t" + std::to_string(dynamic_shared_bytes) + "\t" +
-                    std::to_string(b.static_peak) + "\t" + std::to_string(t.read) + "\t" + std::to_string(t.written) +
+                    std::to_string(b.shared_peak) + "\t" + std::to_string(t.read) + "\t" + std::to_string(t.written) +
                     "\t" + std::to_string(t.requested_read) + "\t" + std::to_string(t.requested_written) + "\t" +
                     std::to_string(blocks_run) + "\n";
     }
