@@ -926,10 +926,12 @@ def main(argv=None) -> int:
             f.write(update_readme(text, readme_table(read_csv(path))))
         print(f"{args.readme_only}: traffic table regenerated from {path}")
         return 0
-    if not backends.triton_interpreted() and not torch.cuda.is_available():
-        # The Triton kernels run in the interpreter here: it must be on before triton is imported.
+    if not backends.triton_interpreted():
+        # The ledger runs the Triton kernels in the interpreter (on a GPU machine too): it must be
+        # on before triton is imported, so in a fresh process.
         os.environ["TRITON_INTERPRET"] = "1"
-        return subprocess.call([sys.executable, "-m", "attn_kernels.ledger", *(argv or sys.argv[1:])])
+        argv = sys.argv[1:] if argv is None else argv
+        return subprocess.call([sys.executable, "-m", "attn_kernels.ledger", *argv])
     import triton
 
     start = time.perf_counter()
