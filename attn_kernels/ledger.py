@@ -263,8 +263,44 @@ def _install_triton_hooks():
 
     counted_run._attn_ledger = True
     interpreter.InterpretedFunction.run = counted_run
+    interpreter._patch_lang = _patch_lang_once_per_launch(interpreter)
     builder.create_masked_load, builder.create_masked_store = counted_load, counted_store
     builder.set_grid_dim, builder.set_grid_idx = noted_grid_dim, skipped_grid_idx
+
+
+def _patch_lang_once_per_launch(interpreter):
+    """The interpreter's _patch_lang, skipped for modules already patched during the running launch.
+
+    A launch patches the language modules its kernel sees (inspect.getmembers over each) and
+    restores them at its end; every call of a @triton.jit function from the kernel (tl.sum,
+    tl.cdiv and our helpers) patches its own modules again, triton.language.core for the standard
+    library, and never restores them. In SK's kernels, which make such calls per element tile, that
+    was a quarter of the counting time. Here each module is patched once per launch; the patched
+    functions are the same either way.
+    """
+    import triton.language as tl
+
+    patch_lang = interpreter._patch_lang
+    patched = set()  # ids of the language modules patched during the running launch
+
+    def patch_lang_once(fn):
+        modules = {id(v) for v in fn.__globals__.values() if v is tl or v is tl.core}
+        if patched and modules <= patched:
+            return interpreter._LangPatchScope()  # nothing patched, nothing to restore
+        launch = not patched  # the kernel's own patch, restored at the launch's end
+        scope = patch_lang(fn)
+        patched.update(modules)
+        if launch:
+            restore = scope.restore
+
+            def restore_and_end_launch():
+                patched.clear()
+                restore()
+
+            scope.restore = restore_and_end_launch
+        return scope
+
+    return patch_lang_once
 
 
 def _distinct(addresses) -> int:
@@ -481,6 +517,25 @@ def _kernel_names(counted: Counted) -> Dict[str, List[str]]:
     return {d: [k.name for k in kernels_of(launches)] for d, launches in counted.launches.items()}
 
 
+def counting_pair(launches_wanted, n: int) -> Optional[int]:
+    """The smallest n1 < n such that batches n1 and n1 + 1 launch the kernels launched at n, or None.
+
+    A launcher may choose its kernels from N: a split of C, and the kernel combining it, where the
+    samples alone would leave SMs idle. So the batches launching n's kernels are those below a
+    threshold (n1 = 1) or those from one on: bisected, then checked, with a scan from 1 where the
+    check fails. Each probe is a dry run, which costs a fraction of a second; the scan took 48 of
+    them for CBAM at N = 128."""
+    if launches_wanted(1) and launches_wanted(2):
+        return 1
+    low, high = 1, n  # launches_wanted(n) holds
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if launches_wanted(middle) else (middle, high)
+    if high < n and launches_wanted(high + 1):
+        return high
+    return next((k for k in range(1, n) if launches_wanted(k) and launches_wanted(k + 1)), None)
+
+
 def measure(case: Case, batches: List[int]) -> Measured:
     start = time.perf_counter()
     block, dtype = BLOCKS[case.block], DTYPES[case.dtype]
@@ -503,16 +558,18 @@ def measure(case: Case, batches: List[int]) -> Measured:
             with _training(module, not small_batch or case.block not in COUNTED_IN_EVAL):
                 return count_module(module, make_input(n, *shape, dtype, case.layout, empty=True), dry_run=True)
 
+        names_at = {}
+
+        def launches_wanted(n, wanted):
+            if n not in names_at:
+                names_at[n] = _kernel_names(dry_run(n))
+            return names_at[n] == wanted
+
         for n in batches:
             dry = dry_run(n, small_batch=False)
-            # The two smallest consecutive batches that launch the kernels launched at n (found by dry
-            # runs, which cost nothing): a launcher may choose its kernels from N (a split of C and
-            # the kernel combining it, where the samples alone would leave SMs idle).
-            n1 = 1
             wanted = _kernel_names(dry)
-            while n1 < n and not (_kernel_names(dry_run(n1)) == wanted == _kernel_names(dry_run(n1 + 1))):
-                n1 += 1
-            if n1 >= n:
+            n1 = counting_pair(lambda k: launches_wanted(k, wanted), n)
+            if n1 is None:
                 raise LedgerError(f"{case}: no batch sizes below N = {n} launch the kernels launched at N = {n}: "
                                   f"{wanted}")
             counted_at[n] = (n1, n1 + 1)
@@ -953,7 +1010,10 @@ def main(argv=None) -> int:
     log(f"counting {len(cases)} cases: kernels at two small batches, torch ops and launches at "
         f"N = {', '.join(map(str, args.batch))} (dry runs, eager on meta), {args.jobs} processes")
     measured, failures = [], []
-    jobs = [(c, args.batch) for c in cases]
+    # Longest first, so that no process is left with a long case at the end: a case's time grows
+    # with C*H*W, and the Triton interpreter's several times over the emulation's.
+    jobs = sorted(((c, args.batch) for c in cases),
+                  key=lambda job: -job[0].c * job[0].h * job[0].w * (4 if job[0].backend == "triton" else 1))
     with contextlib.ExitStack() as stack:
         if args.jobs > 1:  # spawned: autograd's threads do not survive a fork
             import concurrent.futures
@@ -971,6 +1031,7 @@ def main(argv=None) -> int:
             else:
                 measured.append(result)
                 log(f"[{k}/{len(cases)}] {result.case} ({result.seconds:.1f} s)")
+    measured.sort(key=lambda m: cases.index(m.case))  # the tables in the order of the arguments
     resources, missing = {}, []
     if not args.no_compile:
         specs = {json.dumps(launch.spec, sort_keys=True): launch.spec for m in measured for c in m.fused.values()

@@ -24,7 +24,10 @@ namespace {
 // pixel and lane (sum, max, ties): 8 pixels hold it near 64 registers, where 16 took 100 to 150.
 // The gradient keeps one, and writes its share of dca per warp tile and channel, (H*W / pixels)
 // partials read again: 16 pixels keep them to 1/16 of dy's bytes per 4-byte partial (at 32 the
-// unrolled pixel loop takes over 200 registers).
+// unrolled pixel loop takes over 200 registers). Left to itself ptxas gives the gradient 119 to 163
+// registers (its 2 * 16 loads in flight), one block per SM: the kernel's launch bounds ask for two
+// (at most 128 registers: 101 to 124 on sm_90a, no spills in any dtype). Three would take 40 to 70
+// registers but spill in fp64's pooling.
 template <bool kGrad>
 constexpr int kPixelsPerWarp = kGrad ? 16 : 8;
 
@@ -117,7 +120,7 @@ __global__ void spatial_reduce_nchw_kernel(dev_ptr<const scalar_t> a, dev_ptr<co
 // each lane keeping per-pixel partials that are reduced across the warp at the end. Same outputs
 // as the NCHW kernel.
 template <bool kGrad, bool kHasCa, typename scalar_t, typename acc_t>
-__global__ void spatial_reduce_nhwc_kernel(dev_ptr<const scalar_t> a, dev_ptr<const scalar_t> b,
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, 2) spatial_reduce_nhwc_kernel(dev_ptr<const scalar_t> a, dev_ptr<const scalar_t> b,
                                            dev_ptr<const acc_t> ca, dev_ptr<const acc_t> sa, dev_ptr<acc_t> first,
                                            dev_ptr<acc_t> xmax, dev_ptr<acc_t> ties, dev_ptr<acc_t> dca_part,
                                            int64_t N, int64_t C, int64_t HW, int64_t chunk, acc_t divisor) {

@@ -29,6 +29,25 @@ def kernel_bytes(launches, kind=None):
 
 # ---- the counters -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("matching, n, expected", [
+    (range(1, 200), 32, 1),     # below a threshold: the smallest pair
+    (range(43, 200), 128, 43),  # from a threshold on (CBAM's split of C at 512x28x28): bisected
+    (range(127, 200), 128, 127),  # the pair may end at N itself
+    (range(128, 200), 128, None),  # only N and above: no pair below it
+    ({5, 6, 20, 21, 22, 128}, 128, 5),  # neither: the scan finds the smallest pair
+])
+def test_counting_pair_is_the_smallest_matching_pair(matching, n, expected):
+    probed = []
+
+    def launches_wanted(k):
+        probed.append(k)
+        return k in matching
+
+    assert ledger.counting_pair(launches_wanted, n) == expected
+    if expected == 43:
+        assert len(probed) < 12  # bisected, not scanned
+
+
 def test_emulated_copy_is_counted_exactly():
     require_cpu_backend("cuda")
     x = torch.arange(1000, dtype=torch.float32)
