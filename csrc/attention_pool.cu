@@ -31,6 +31,12 @@ constexpr int kMaxChannels = 4096;
 constexpr int kChannelsPerThread = kMaxChannels / kThreads;
 constexpr int kTileBytes = 32 * 1024;  // x staged per step
 constexpr int kMaxTilePixels = 32;     // the softmax update of a tile runs on one warp
+// The blocks per SM both kernels are compiled for: four in float32 (at most 64 registers), two in
+// float64. Left to choose, ptxas spilled: the backward 40 to 96 bytes per thread at 48 registers
+// on sm_80, the forward 40 bytes in float64 on sm_90a. So bounded, neither spills on sm_80 or
+// sm_90a (58 to 64 registers in float32, 96 to 103 in float64).
+template <typename acc_t>
+constexpr int kMinBlocksPerSm = sizeof(acc_t) == 8 ? 2 : 4;
 
 template <typename T>
 __device__ __forceinline__ T exp_acc(T v) {
@@ -96,7 +102,7 @@ __device__ __forceinline__ acc_t pixel_centered_dot(TilePtr tile_p, VectorPtr ce
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) attention_pool_kernel(
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<acc_t>) attention_pool_kernel(
     dev_ptr<const scalar_t> x, dev_ptr<const acc_t> weight, dev_ptr<const acc_t> bias, dev_ptr<acc_t> part_acc,
     dev_ptr<acc_t> part_max, dev_ptr<acc_t> part_sum, int64_t N, int64_t C, int64_t HW, int64_t hw_per_split,
     int tile_pixels, bool nhwc) {
@@ -163,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) attention_pool_kernel(
 }
 
 template <typename scalar_t, typename acc_t, bool kHasGate>
-__global__ void __launch_bounds__(kThreads) attention_pool_backward_kernel(
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<acc_t>) attention_pool_backward_kernel(
     dev_ptr<const scalar_t> dy, dev_ptr<const scalar_t> x, dev_ptr<const acc_t> gate, dev_ptr<const acc_t> dcontext,
     dev_ptr<const acc_t> weight, dev_ptr<const acc_t> bias, dev_ptr<const acc_t> lse, dev_ptr<const acc_t> context,
     dev_ptr<scalar_t> dx, dev_ptr<acc_t> part_dweight, int64_t N, int64_t C, int64_t HW, int64_t hw_per_split,
