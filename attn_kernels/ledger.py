@@ -688,7 +688,7 @@ LEDGER_COLUMNS = [
 ]
 OCCUPANCY_COLUMNS = [
     "block", "impl", "direction", "n", "c", "h", "w", "dtype", "layout", "kernel", "grid", "threads", "registers",
-    "shared_bytes", "blocks_per_sm", "limiter", "warps_per_sm", "warps_in_flight", "waves",
+    "spilled_bytes", "shared_bytes", "blocks_per_sm", "limiter", "warps_per_sm", "warps_in_flight", "waves",
     "bytes_in_flight_per_sm", "x_fraction", "idle", "commit", "date",
 ]
 MB = 1e6
@@ -756,6 +756,7 @@ def occupancy_rows(m: Measured, resources: dict, environment: dict) -> List[dict
             for launch in kernels_of(counted.launches[direction]):
                 compiled = resources_of(launch, resources)
                 registers = compiled["registers"] if compiled else None
+                spilled = compiled["spill_stores"] + compiled["spill_loads"] if compiled else None
                 shared = launch.shared if launch.kind == "cuda" else (compiled["shared"] if compiled else 0)
                 x_fraction = (launch.read + launch.written) / x_bytes
                 occ = occupancy(launch, registers, shared, x_fraction)
@@ -763,7 +764,8 @@ def occupancy_rows(m: Measured, resources: dict, environment: dict) -> List[dict
                     "block": case.block, "impl": f"fused:{case.backend}", "direction": direction, "n": n,
                     "c": case.c, "h": case.h, "w": case.w, "dtype": case.dtype, "layout": case.layout,
                     "kernel": launch.name, "grid": "x".join(map(str, launch.grid)), "threads": launch.threads,
-                    "registers": registers, "shared_bytes": shared, "x_fraction": x_fraction,
+                    "registers": registers, "spilled_bytes": spilled, "shared_bytes": shared,
+                    "x_fraction": x_fraction,
                     "commit": environment["commit"], "date": environment["date"], **occ,
                 })
     return rows
@@ -811,6 +813,12 @@ def print_occupancy(rows: List[dict], out=sys.stdout):
             r["blocks_per_sm"], r["limiter"], r["warps_in_flight"], f"{r['waves']:.2f}",
             f"{r['bytes_in_flight_per_sm'] / 1024:.1f}"), file=out)
 
+    spilling = sorted({(r["impl"], r["kernel"], r["dtype"], r["layout"], f"{r['c']}x{r['h']}x{r['w']}",
+                        r["spilled_bytes"]) for r in rows if r["spilled_bytes"]})
+    print(f"\nLaunches whose kernel spills registers (sm_90a; bytes stored + loaded per thread): "
+          f"{len(spilling) or 'none'}", file=out)
+    for impl, kernel, dtype, layout, shape, spilled in spilling:
+        print(f"  {impl} {kernel} {dtype} {layout} {shape}: {spilled} B", file=out)
     idle = [r for r in rows if r["idle"]]
     print(f"\nLaunches that leave an H100 idle: an activation-sized pass (>= {ACTIVATION_PASS_FRACTION:g} |x|) "
           f"with fewer than {WARPS_IN_FLIGHT_WANTED} warps in flight ({len(idle)} of {len(rows)} launches):", file=out)

@@ -47,6 +47,37 @@ def test_triton_interpreted_matches_reference_float64(shapes, p, layout, poisone
     assert got.stride() == student.stride()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("p", [2, 1.5])
+def test_power_mean_splits_channels_across_programs(layout, p, monkeypatch, poisoned):
+    """Where the samples alone would leave the GPU idle (as at 2048x7x7), the power mean and its
+    gradient split C across programs, the forward folding the splits' sums in order: both match
+    float64 autograd. Triton sizes its grid for an H100 here."""
+    if torch.cuda.is_available():
+        pytest.skip("interpreter test")
+    from attn_kernels.triton import power_mean
+
+    monkeypatch.setenv("ATTN_KERNELS_INTERPRETER_SMS", "132")
+    split_c, splits = power_mean.split_c, []
+
+    def recorded_split_c(*args):
+        result = split_c(*args)
+        splits.append(result[0])
+        return result
+
+    monkeypatch.setattr(power_mean, "split_c", recorded_split_c)
+    x = make_x((2, 300, 5, 6), torch.float64, layout=layout).requires_grad_()
+    dm = torch.randn(2, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    want = x.abs().pow(p).mean(1).flatten(1)
+    want_dx, = torch.autograd.grad(want, x, dm)
+    m = channel_power_mean(x.detach(), p)
+    dx = channel_power_mean_backward(dm, x.detach(), p)
+    assert splits == [2, 2]  # both layouts' tiles: two splits of C
+    torch.testing.assert_close(m, want, rtol=1e-13, atol=0)
+    torch.testing.assert_close(dx, want_dx, rtol=1e-12, atol=0)
+    assert dx.stride() == x.stride()
+
+
 def test_teacher_gets_no_gradient():
     student = make_x((2, 4, 3, 3)).requires_grad_()
     teacher = make_x((2, 4, 3, 3), seed=1).requires_grad_()

@@ -318,18 +318,19 @@ def test_reference_as_eager(block, train):
 
 @pytest.mark.parametrize("n", [1, 4], ids=["split", "tile"])
 def test_attention_pool_gives_minus_inf_logits_weight_zero(n, kernel_backend):
-    """GC's attention pooling: logits of -inf over a whole split of H*W (N = 1: the Triton grid
-    splits H*W in two there) or over the first tile a program reads (N = 4: one split, two tiles)
-    get weight 0 next to finite logits, as in torch.softmax: only the channel holding the -inf gets
-    a NaN context (0 * -inf), not the whole sample (exp(-inf - -inf) in the online softmax)."""
+    """GC's attention pooling: logits of -inf over whole splits of H*W (N = 1: the Triton grid
+    splits the 64 pixels in four there) or over the first tile a program reads (N = 4: one split,
+    two tiles of 32 pixels) get weight 0 next to finite logits, as in torch.softmax: only the
+    channel holding the -inf gets a NaN context (0 * -inf), not the whole sample (exp(-inf - -inf)
+    in the online softmax)."""
     from attn_kernels.ops.primitives import primitives
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 1024, 4, 4, generator=g)
+    x = torch.randn(n, 1024, 8, 8, generator=g)
     weight = 0.05 * torch.randn(1024, generator=g)
     weight[5] = 0.5
     bias = torch.tensor([0.25])
-    x[0, 5, :2] = -INF  # the first 8 of 16 pixels: their logits are -inf
+    x[0, 5, :4] = -INF  # the first 32 of 64 pixels: their logits are -inf
     context, lse = primitives(kernel_backend, torch.device(DEVICE)).attention_pool(
         x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE))
     x64 = x.double().flatten(2)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ..ops.primitives import MAX_PATHS, acc_dtype
-from .channel_gate import check_activation, check_stats, device_guard, split_hw, strides, tile_shape
+from .channel_gate import check_activation, check_stats, device_guard, split_hw, strides, tile_shape, tile_warps
 
 
 def _check_paths(op: str, paths: List[torch.Tensor], like: torch.Tensor = None):
@@ -139,10 +139,12 @@ def _grad_reduce_kernel(
         tl.store(dots_ptr + out + 3 * NC, tl.sum(acc3, axis=1), mask=c_mask)
 
 
-def _elementwise_grid(a: torch.Tensor):
+def _elementwise_launch(a: torch.Tensor):
+    """(grid, launch options) of an elementwise kernel over a: one program per (n, C tile, H*W tile)."""
     N, C, H, W = a.shape
     block_c, block_hw = tile_shape(a)
-    return (N * triton.cdiv(C, block_c) * triton.cdiv(H * W, block_hw),), block_c, block_hw
+    grid = (N * triton.cdiv(C, block_c) * triton.cdiv(H * W, block_hw),)
+    return grid, dict(BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=tile_warps(block_c * block_hw, a.dtype))
 
 
 def path_mix(paths: List[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -154,10 +156,9 @@ def path_mix(paths: List[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    grid, block_c, block_hw = _elementwise_grid(x)
+    grid, options = _elementwise_launch(x)
     with device_guard(x):
-        _mix_kernel[grid](*_padded(paths), weights, out, N, C, H * W, *strides(x),
-                          PATHS=len(paths), BLOCK_C=block_c, BLOCK_HW=block_hw)
+        _mix_kernel[grid](*_padded(paths), weights, out, N, C, H * W, *strides(x), PATHS=len(paths), **options)
     return out
 
 
@@ -176,7 +177,7 @@ def path_grad_reduce(dy: torch.Tensor, paths: List[torch.Tensor]) -> torch.Tenso
     with device_guard(dy):
         _grad_reduce_kernel[(tiles, splits)](
             dy, *_padded(paths), dots, N, C, H * W, *strides(dy), per_split,
-            PATHS=P, BLOCK_C=block_c, BLOCK_HW=block_hw,
+            PATHS=P, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=tile_warps(block_c * block_hw, dy.dtype),
         )
     return dots[0] if splits == 1 else dots.sum(0)
 
@@ -193,8 +194,7 @@ def path_grad_apply(dy: torch.Tensor, weights: torch.Tensor, bias: torch.Tensor)
     outs = [torch.empty_like(dy) for _ in range(P)]
     if dy.numel() == 0:
         return outs
-    grid, block_c, block_hw = _elementwise_grid(dy)
+    grid, options = _elementwise_launch(dy)
     with device_guard(dy):
-        _grad_apply_kernel[grid](dy, weights, bias, *_padded(outs), N, C, H * W, *strides(dy),
-                                 PATHS=P, BLOCK_C=block_c, BLOCK_HW=block_hw)
+        _grad_apply_kernel[grid](dy, weights, bias, *_padded(outs), N, C, H * W, *strides(dy), PATHS=P, **options)
     return outs

@@ -7,15 +7,18 @@
 
 p >= 1 (|x|^p has no derivative at 0 below); p = 2 (the paper's) and p = 1 run exact special
 cases, other p go through exp2/log2 with p rounded to float32.
-The reduction over C runs in one program per pixel tile, in a fixed order: bitwise reproducible.
+A program takes a tile of pixels and loops over C, which is split across programs where N and
+the pixel tiles alone would not fill the GPU (32 programs at 2048x7x7, N = 32, NCHW), by
+spatial_gate's rule: the backward's splits each write their own channels of dx, the forward's
+partial sums are folded in split order. No atomics: bitwise reproducible.
 """
 import torch
 import triton
 import triton.language as tl
 
 from ..ops.primitives import acc_dtype
-from .channel_gate import check_activation, check_stats, device_guard, strides
-from .spatial_gate import tile_shape_over_c
+from .channel_gate import check_activation, check_stats, device_guard, strides, tile_warps
+from .spatial_gate import combine_c_splits, split_c, tile_shape_over_c
 
 
 @triton.jit
@@ -39,24 +42,28 @@ def _general_power(ax, q):
 
 @triton.jit
 def _power_mean_kernel(
-    x_ptr, dm_ptr, out_ptr, C, HW, stride_n, stride_c, stride_hw, p,
+    x_ptr, dm_ptr, out_ptr, N, C, HW, stride_n, stride_c, stride_hw, c_per_split, divisor, p,
     GRAD: tl.constexpr, POWER: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    # One program per (n, pixel tile), looping over C. GRAD=False: out[n, hw] = mean_c |x|^p.
-    # GRAD=True: out = dx, the elementwise gradient, given dm.
+    # One program per (n, pixel tile, split of C), looping over its channels. GRAD=False:
+    # out[split, n, hw] = sum over the split's c of |x|^p, / divisor. GRAD=True: out = dx, the
+    # elementwise gradient, given dm.
     pid = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
     hw_tiles = tl.cdiv(HW, BLOCK_HW)
     n = pid // hw_tiles
     hw = (pid % hw_tiles) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     hw_mask = hw < HW
+    c_begin = split * c_per_split
+    c_end = tl.minimum(C, c_begin + c_per_split)
     acc_ty = dm_ptr.dtype.element_ty
     if GRAD:
         scale = tl.load(dm_ptr + n * HW + hw, mask=hw_mask, other=0) * p / C
     else:
         total = tl.zeros((BLOCK_HW,), dtype=acc_ty)
-    for c0 in range(0, C, BLOCK_C):
+    for c0 in range(c_begin, c_end, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
-        mask = (c < C)[:, None] & hw_mask[None, :]
+        mask = (c < c_end)[:, None] & hw_mask[None, :]
         offsets = n * stride_n + c[:, None] * stride_c + hw[None, :] * stride_hw
         x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_ty)
         ax = tl.abs(x)
@@ -71,7 +78,7 @@ def _power_mean_kernel(
         else:
             total += tl.sum(tl.where(mask, _power(ax, p, POWER), 0.0), axis=0)
     if not GRAD:
-        tl.store(out_ptr + n * HW + hw, total / C, mask=hw_mask)
+        tl.store(out_ptr + (split * N + n) * HW + hw, total / divisor, mask=hw_mask)
 
 
 def _power_flag(p: float) -> int:
@@ -83,6 +90,28 @@ def _check_p(op: str, p: float):
         raise ValueError(f"{op}(): argument 'p' must be >= 1, got {p}")
 
 
+def _launch(x, dm, out, p: float):
+    """_power_mean_kernel over x, C split by split_c: with dm, the gradient into out (x's shape);
+    without, the mean into out (N, H*W), through the splits' partial sums where there are several."""
+    N, C, H, W = x.shape
+    HW = H * W
+    grad = dm is not None
+    block_c, block_hw = tile_shape_over_c(x)
+    hw_tiles = triton.cdiv(HW, block_hw)
+    splits, c_per_split = split_c(x, block_c, N * hw_tiles)
+    folded = not grad and splits > 1
+    target = torch.empty((splits, N, HW), dtype=out.dtype, device=x.device) if folded else out
+    with device_guard(x):
+        _power_mean_kernel[(N * hw_tiles, splits)](
+            x, dm if grad else target, target, N, C, HW, *strides(x), c_per_split,
+            1.0 if grad or folded else float(C), float(p),
+            GRAD=grad, POWER=_power_flag(p), BLOCK_C=block_c, BLOCK_HW=block_hw,
+            num_warps=tile_warps(block_c * block_hw, x.dtype),
+        )
+        if folded:
+            combine_c_splits([target], [out], float(C))
+
+
 def channel_power_mean(x: torch.Tensor, p: float) -> torch.Tensor:
     op = "channel_power_mean"
     check_activation(op, "x", x)
@@ -92,12 +121,7 @@ def channel_power_mean(x: torch.Tensor, p: float) -> torch.Tensor:
     out = torch.empty((N, H * W), dtype=acc, device=x.device)
     if x.numel() == 0:
         return out.zero_()
-    block_c, block_hw = tile_shape_over_c(x)
-    with device_guard(x):
-        _power_mean_kernel[(N * triton.cdiv(H * W, block_hw),)](
-            x, out, out, C, H * W, *strides(x), float(p),
-            GRAD=False, POWER=_power_flag(p), BLOCK_C=block_c, BLOCK_HW=block_hw,
-        )
+    _launch(x, None, out, p)
     return out
 
 
@@ -110,10 +134,5 @@ def channel_power_mean_backward(dm: torch.Tensor, x: torch.Tensor, p: float) -> 
     dx = torch.empty_like(x)
     if x.numel() == 0:
         return dx
-    block_c, block_hw = tile_shape_over_c(x)
-    with device_guard(x):
-        _power_mean_kernel[(N * triton.cdiv(H * W, block_hw),)](
-            x, dm, dx, C, H * W, *strides(x), float(p),
-            GRAD=True, POWER=_power_flag(p), BLOCK_C=block_c, BLOCK_HW=block_hw,
-        )
+    _launch(x, dm, dx, p)
     return dx

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..ops.primitives import acc_dtype
-from .channel_gate import check_activation, device_guard
+from .channel_gate import check_activation, device_guard, tile_warps
 
 _BLOCK = 1024
 
@@ -44,6 +44,7 @@ def _launch(x, logits, dy, out, dlogits, residual: bool, grad: bool):
             _sigmoid_gate_kernel[(triton.cdiv(numel, _BLOCK),)](
                 x, logits, dy, out, dlogits, numel, 1.0 if residual else 0.0,
                 GRAD=grad, F64=acc_dtype(x.dtype) == torch.float64, BLOCK=_BLOCK,
+                num_warps=tile_warps(_BLOCK, x.dtype),
             )
 
 

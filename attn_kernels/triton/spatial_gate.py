@@ -25,7 +25,7 @@ import triton.language as tl
 from ..ops.primitives import acc_dtype
 from .channel_gate import (
     TARGET_PROGRAMS_PER_SM, _sm_count, check_activation, check_stats, device_guard, nan_max, nan_maximum, split_hw,
-    strides, tile_shape,
+    strides, tile_shape, tile_warps,
 )
 
 _TILE_ELEMENTS = 2048  # elements of x a program holds per loop step
@@ -153,13 +153,28 @@ def _combine_splits_kernel(
         tl.store(ties_ptr + i, tl.where(run_max != run_max, 0.0, run_ties), mask=mask)
 
 
-_COMBINE_BLOCK = 1024
+def combine_c_splits(parts, outputs, divisor: float):
+    """Folds the per-pixel partials of a reduction over C split across programs, (splits, N, H*W)
+    each, into outputs (N, H*W) each, in split order: [first] (first = sum / divisor), or [first,
+    max, ties]."""
+    pixels = outputs[0].numel()
+    # Pixels per program: spread over the SMs (at 2048x7x7 and N = 32, 1024 per program left 2
+    # programs to fold 16 splits), one per thread of 4 warps at least.
+    per_program = triton.cdiv(pixels, TARGET_PROGRAMS_PER_SM * _sm_count(outputs[0]))
+    block = max(128, min(1024, triton.next_power_of_2(per_program)))
+    with_max = len(parts) == 3
+    part_first, part_max, part_ties = parts if with_max else parts * 3  # MAX=False reads only the first
+    first, xmax, ties = outputs if with_max else outputs * 3
+    _combine_splits_kernel[(triton.cdiv(pixels, block),)](
+        part_first, part_max, part_ties, first, xmax, ties, pixels, parts[0].shape[0], divisor,
+        MAX=with_max, BLOCK=block, num_warps=tile_warps(block, first.dtype),
+    )
 
 
 def _reduce_over_c(a, b, ca, sa, grad: bool):
     """The per-pixel outputs of _reduce_over_c_kernel ((N, H*W) each: first, and max and ties or
     None) and dca_part (N, pixel tiles, C) or None; C split across programs where N alone would
-    not fill the GPU, the splits folded by _combine_splits_kernel."""
+    not fill the GPU, the splits folded by combine_c_splits."""
     N, C, H, W = a.shape
     HW = H * W
     acc = acc_dtype(a.dtype)
@@ -177,13 +192,10 @@ def _reduce_over_c(a, b, ca, sa, grad: bool):
             dca_part if dca_part is not None else first,
             N, C, HW, *strides(a), c_per_split, 1.0 if grad or splits > 1 else float(C),
             GRAD=grad, HAS_CA=ca is not None, BLOCK_C=block_c, BLOCK_HW=block_hw,
+            num_warps=tile_warps(block_c * block_hw, a.dtype),
         )
         if splits > 1:
-            _combine_splits_kernel[(triton.cdiv(N * HW, _COMBINE_BLOCK),)](
-                parts[0], parts[-1] if grad else parts[1], parts[-1] if grad else parts[2], outputs[0],
-                outputs[-1] if grad else outputs[1], outputs[-1] if grad else outputs[2],
-                N * HW, splits, 1.0 if grad else float(C), MAX=not grad, BLOCK=_COMBINE_BLOCK,
-            )
+            combine_c_splits(parts, outputs, 1.0 if grad else float(C))
     return outputs[0], (None if grad else outputs[1]), (None if grad else outputs[2]), dca_part
 
 
@@ -269,7 +281,7 @@ def spatial_pool_grad_reduce(x, ca, smax, pmean, pmax, cmax):
     with device_guard(x):
         _pool_grad_kernel[(tiles, splits)](
             x, ca, smax, pmean, pmax, cmax, dca, ties, N, C, HW, *strides(x), per_split,
-            BLOCK_C=block_c, BLOCK_HW=block_hw,
+            BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=tile_warps(block_c * block_hw, x.dtype),
         )
     return dca.sum(0), ties.sum(0)
 
@@ -347,6 +359,6 @@ def spatial_gate_apply(a, ca, sa, x=None, smax=None, pmean=None, pmax=None, cbia
             a, *(t if t is not None else sa for t in (ca, sa, x, smax, pmean, pmax, cbias, cmax, ctie)), out,
             C, HW, *strides(a),
             HAS_CA=ca is not None, SPATIAL_GRAD=spatial_grad, CHANNEL_GRAD=channel_grad,
-            BLOCK_C=block_c, BLOCK_HW=block_hw,
+            BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=tile_warps(block_c * block_hw, a.dtype),
         )
     return out
