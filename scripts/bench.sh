@@ -2,7 +2,7 @@
 # One command from a fresh clone to the benchmark: scripts/setup.sh (.venv, dependencies, the
 # build), then `python -m attn_kernels.bench`: on a GPU, the timings; without one, the ledger
 # (bytes and launches of every block, fused and eager, and the occupancy of every launch at the
-# real shapes, about 11 minutes on 2 cores). Results go to benchmarks/results/. Extra arguments
+# real shapes, about 9 minutes on 2 cores). Results go to benchmarks/results/. Extra arguments
 # go to the benchmark.
 set -euo pipefail
 # shellcheck source=scripts/setup.sh
