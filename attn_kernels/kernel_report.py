@@ -736,8 +736,8 @@ registers * threads * 2 <= 65536 (two blocks of the launched size fit an SM's re
 Shared memory: Triton's dynamic shared memory per launch; for CUDA, ptxas's static shared memory
 (attention_pool.cu's kernels also take a dynamic tile at launch, not counted here).
 The specializations are those of the tests' shapes, which are small: real model widths may not be
-among them (GC's attention pool at ResNet-50's C = 256..2048, measured apart: tile_warps in
-attn_kernels/triton/attention_pool.py gives the figures).
+among them. The ledger (python -m attn_kernels.ledger) compiles every launch at ResNet-50's shapes
+for sm_90a: benchmarks/results/occupancy.csv has their registers and spills.
 
 """
 
