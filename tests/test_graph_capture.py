@@ -91,18 +91,29 @@ def grads(model: nn.Module, x: torch.Tensor, call=None, backend="reference"):
     return {"y": y.detach(), "dx": x.grad, **{n: p.grad for n, p in model.named_parameters() if p.grad is not None}}
 
 
-def assert_same(got, expected, rtol=1e-9, atol=1e-11):
+# PyTorch's own rounding at the model level, float64: the test models' reference forward and
+# backward, run again in channels_last or on an input perturbed by one ulp, move the first convs'
+# weight gradients (after every BatchNorm's backward) by up to 1.3e-11 of the tensor's largest
+# element, 5e-9 of the element where it is small (test_resnet_gc, measured). The fused blocks'
+# different summation order moves them as much, so each tensor's absolute tolerance is its scale
+# times 1e-10 (8 times that noise), at least atol; a wrong kernel is off by far more.
+SCALE_ATOL = 1e-10
+
+
+def assert_same(got, expected, rtol=1e-9, atol=1e-11, name=None):
     """float64 throughout: the fused and original computations differ by rounding only."""
     if isinstance(expected, dict):
         assert got.keys() == expected.keys()
         for k in expected:
-            torch.testing.assert_close(got[k], expected[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+            assert_same(got[k], expected[k], rtol, atol, name=k)
     elif isinstance(expected, (list, tuple)):
         assert len(got) == len(expected)
         for g, e in zip(got, expected):
             assert_same(g, e, rtol, atol)
     else:
-        torch.testing.assert_close(got, expected, rtol=rtol, atol=atol)
+        scale = expected.abs().max().item() if expected.numel() else 0.0
+        torch.testing.assert_close(got, expected, rtol=rtol, atol=max(atol, SCALE_ATOL * scale),
+                                   msg=lambda m: f"{name}: {m}" if name else m)
 
 
 TIMM_TRACER = {"leaf_modules": get_notrace_modules(), "autowrap_functions": get_notrace_functions()}
