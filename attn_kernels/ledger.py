@@ -20,10 +20,11 @@ What is counted, and how:
 Batch size: eager runs on the meta device at the real N (no data; exact). The fused kernels must
 run to be counted, so they run at two small consecutive batches, N = 1 and 2 (SK in eval mode, where
 its BatchNorm takes N = 1), or the smallest pair that launches the kernels launched at N where a
-launcher chooses its kernels from N, and each launch's bytes at N are extrapolated as
+launcher chooses its kernels from N (a Triton launcher's split: at N = 1 and 2 with its grids sized
+for one SM where that launches them), and each launch's bytes at N are extrapolated as
 b(n1) + (b(n1 + 1) - b(n1)) (N - n1). Where a kernel loads and stores depends on shapes, not
-values, so the torch ops around the kernels run on fake tensors there (nothing computed). The extrapolation is exact when a launch's work per sample
-does not depend on N. The ledger checks it against the launches made at the real N with no block
+values, so the torch ops around the kernels run on fake tensors there (nothing computed). The
+extrapolation is exact when a launch's work per sample does not depend on N. The ledger checks it against the launches made at the real N with no block
 run (a dry run, whose torch ops run on fake twins of their inputs): the same kernels and block
 sizes, and grids that are affine in N too. A row where the check fails says 'approximate'; the
 dry run's torch ops are exact.
