@@ -5,6 +5,7 @@
                                                   # launches, occupancy; the default without a GPU
     python -m attn_kernels.bench --quick          # a smoke run: batch 32, two stages
     python -m attn_kernels.bench --impls eager triton --dtypes bf16 --layouts channels_last --plot
+    python -m attn_kernels.bench --directions fwd+bwd --compile-workers 12 --time-budget 200   # a lent GPU
 
 Protocol (DESIGN.md, "Benchmark protocol"): triton.testing.do_bench medians and 20th/80th
 percentiles with L2 flushed between runs, for forward (x requires grad, as in training), backward
@@ -20,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional
@@ -148,6 +150,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="memory layouts of x (default: both)")
     add("--batch", nargs="+", type=int, help="batch sizes (default: 32 128; with --quick: 32)")
     add("--quick", action="store_true", help="smoke run: batch 32 and two of the four ResNet-50 stages")
+    add("--directions", nargs="+", choices=DIRECTIONS, default=list(DIRECTIONS),
+        help="directions to time (default: all); fwd+bwd is always timed, the speedups and the plot are of it")
+    add("--time-budget", type=float, metavar="SECONDS",
+        help="start no case after this many seconds; the cases left are listed (default: no limit)")
+    add("--compile-workers", type=int, default=0, metavar="K",
+        help="first run every case once in K processes, so that the timing process finds torch.compile's "
+        "and Triton's on-disk caches warm and compiles little itself (default: 0, compile while timing)")
     add("--csv", metavar="PATH",
         help="CSV to append rows to (default: benchmarks/results/bench-<gpu>-<YYYYMMDD>.csv under the current folder)")
     add("--plot", action="store_true", help="also save a PNG of the fwd+bwd speedups vs eager beside the CSV")
@@ -157,6 +166,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.batch = [32] if args.quick else [32, 128]
     if any(b < 1 for b in args.batch):
         parser.error(f"--batch sizes must be positive, got {args.batch}")
+    if args.compile_workers < 0:
+        parser.error(f"--compile-workers must be 0 or more, got {args.compile_workers}")
+    args.directions = [d for d in DIRECTIONS if d in args.directions or d == "fwd+bwd"]
     return args
 
 
@@ -194,7 +206,16 @@ def copy_bandwidth_gbps(do_bench) -> float:
     return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
-def compiled_or_none(eager: nn.Module, x: torch.Tensor, dy: torch.Tensor, label: str) -> Optional[nn.Module]:
+def configure_compile() -> None:
+    """torch.compile settings of the timing process, and of the --compile-workers processes, whose
+    on-disk cache entries it can only reuse if the settings (part of the cache key) match."""
+    # Compiled backwards with donated buffers (reusing saved intermediates' memory for their results)
+    # refuse the retain_graph=True that timing backward alone needs. Turning them off leaves the times
+    # as they are and may raise compile's peak memory by its saved intermediates: (N, C) ones for SE.
+    torch._functorch.config.donated_buffer = False
+
+
+def compiled_or_none(eager: nn.Module, x: torch.Tensor, dy: torch.Tensor, label: str, say=print) -> Optional[nn.Module]:
     """torch.compile of the eager module, warmed up; None (after one line saying why) if it fails."""
     # A fresh cache per module: otherwise dynamo marks shapes dynamic after the first recompile
     # and falls back to eager past its recompile limit, and we would time neither fairly.
@@ -205,7 +226,7 @@ def compiled_or_none(eager: nn.Module, x: torch.Tensor, dy: torch.Tensor, label:
             compiled(x).backward(dy)
     except Exception as e:  # noqa: BLE001 (any failure of the compiler skips this impl, the run goes on)
         message = (str(e).strip().splitlines() or [""])[0]
-        print(f"  compile failed for {label}, skipping it: {type(e).__name__}: {message}", flush=True)
+        say(f"  compile failed for {label}, skipping it: {type(e).__name__}: {message}")
         return None
     return compiled
 
@@ -215,15 +236,16 @@ def clear_grads(leaves: List[torch.Tensor]) -> None:
         t.grad = None
 
 
-def time_directions(model: nn.Module, x: torch.Tensor, dy: torch.Tensor, leaves, do_bench) -> Dict[str, tuple]:
+def time_directions(model: nn.Module, x: torch.Tensor, dy: torch.Tensor, leaves, do_bench,
+                    directions=DIRECTIONS) -> Dict[str, tuple]:
     """(median, p20, p80) ms per direction. Grads are reset before each run so none accumulates."""
-    y = model(x)  # the graph the backward-alone timing walks again and again
+    y = model(x) if "bwd" in directions else None  # the graph the backward-alone timing walks again and again
     runs = {
         "fwd": lambda: model(x),
         "bwd": lambda: y.backward(dy, retain_graph=True),
         "fwd+bwd": lambda: model(x).backward(dy),
     }
-    times = {d: tuple(do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=leaves)) for d, fn in runs.items()}
+    times = {d: tuple(do_bench(runs[d], quantiles=[0.5, 0.2, 0.8], grad_to_none=leaves)) for d in directions}
     clear_grads(leaves)
     return times
 
@@ -258,16 +280,17 @@ class Case:
         return f"{self.block} {self.shape_text} {self.dtype} {self.layout}"
 
 
-def cases(args: argparse.Namespace):
+def cases(args: argparse.Namespace) -> List[Case]:
+    """Every block at one input before the next input: a run cut short by --time-budget has
+    compared all blocks at the inputs it reached."""
     stages = QUICK_STAGES if args.quick else RESNET50_STAGES
-    for block, batch, (c, h, w), dtype, layout in itertools.product(
-        args.blocks, args.batch, stages, args.dtypes, args.layouts
-    ):
-        yield Case(block, (batch, c, h, w), dtype, layout)
+    return [Case(block, (batch, c, h, w), dtype, layout) for batch, (c, h, w), dtype, layout, block
+            in itertools.product(args.batch, stages, args.dtypes, args.layouts, args.blocks)]
 
 
-def measure_case(case: Case, impls, do_bench, skip_reasons_shown: set):
-    """Yields (impl, {direction: (median, p20, p80) ms}, peak MB) for each impl that can run the case."""
+def prepared_models(case: Case, impls, say=print):
+    """Yields (impl, model, backend context, x, dy) for each impl that can run the case; `say`
+    is given the reason each impl that cannot is skipped."""
     dtype = DTYPES[case.dtype]
     x = torch.randn(case.shape, device="cuda", dtype=dtype).contiguous(memory_format=LAYOUTS[case.layout])
     x.requires_grad_()
@@ -283,7 +306,7 @@ def measure_case(case: Case, impls, do_bench, skip_reasons_shown: set):
         if impl == "eager":
             model = eager
         elif impl == "compile":
-            model = compiled_or_none(eager, x, dy, str(case))
+            model = compiled_or_none(eager, x, dy, str(case), say)
             if model is None:
                 continue
         elif impl not in block.fused_impls:
@@ -295,16 +318,51 @@ def measure_case(case: Case, impls, do_bench, skip_reasons_shown: set):
                 choice = fused.dispatch(x)  # the backend this module would really run on x
             why = choice.passed_over.get(impl) if choice.backend != impl else None
             if why is not None:
-                if (impl, why) not in skip_reasons_shown:
-                    skip_reasons_shown.add((impl, why))
-                    print(f"  skipping {impl}: {why}", flush=True)
+                say(f"  skipping {impl}: {why}")
                 continue
             model, context = fused, attn_kernels.use_backend(impl)
+        yield impl, model, context, x, dy
+
+
+def measure_case(case: Case, impls, directions, do_bench, say):
+    """Yields (impl, {direction: (median, p20, p80) ms}, peak MB) for each impl that can run the case."""
+    for impl, model, context, x, dy in prepared_models(case, impls, say):
         leaves = [x, *model.parameters()]
         with context:  # the backend is picked at forward time and kept for backward
-            times = time_directions(model, x, dy, leaves, do_bench)
+            times = time_directions(model, x, dy, leaves, do_bench, directions)
             peak_mb = peak_memory_mb(model, x, dy, leaves)
         yield impl, times, peak_mb
+
+
+def warm_caches(case_list: List[Case], impls) -> None:
+    """In a --compile-workers process: one forward+backward of each impl of each case, which fills
+    the on-disk caches of torch.compile (FX graphs, AOT autograd) and of Triton's JIT."""
+    configure_compile()
+    for case in case_list:
+        for _, model, context, x, dy in prepared_models(case, impls, say=lambda message: None):
+            with context:
+                model(x).backward(dy)
+
+
+def warm_caches_in_workers(case_list: List[Case], impls, workers: int) -> None:
+    """Runs warm_caches over case_list in `workers` processes (spawned: CUDA does not survive fork)."""
+    import multiprocessing
+
+    start = time.monotonic()
+    # Each worker compiles one module at a time: inductor's own pool of compile processes per worker
+    # would put workers x cores processes on the cores. The variable is read when a process imports
+    # torch, so setting it here reaches the workers and leaves this process as it is.
+    previous = os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    try:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pool.starmap(warm_caches, [(case_list[i::workers], impls) for i in range(workers)])
+    finally:
+        if previous is None:
+            del os.environ["TORCHINDUCTOR_COMPILE_THREADS"]
+        else:
+            os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = previous
+    print(f"Compiled every case in {workers} processes in {time.monotonic() - start:.0f} s.\n", flush=True)
 
 
 TABLE_FORMAT = "{:<11} {:<16} {:<5} {:<13} {:<8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>9} {:>7} {:>6}"
@@ -362,7 +420,8 @@ class Report:
         vs_eager, vs_compile = (self.speedup(baseline, "fwd+bwd", both) for baseline in ("eager", "compile"))
         print(TABLE_FORMAT.format(
             case.block, case.shape_text, case.dtype, case.layout, impl,
-            *(f"{times[d][0]:.3f}" for d in DIRECTIONS), speedup_text(vs_eager), speedup_text(vs_compile),
+            *(f"{times[d][0]:.3f}" if d in times else "-" for d in DIRECTIONS),
+            speedup_text(vs_eager), speedup_text(vs_compile),
             f"{peak_mb:.1f}", "-" if gbps is None else f"{gbps:.0f}",
             "-" if floor_fraction is None else f"{floor_fraction:.0%}"), flush=True)
         if impl != "eager" and vs_eager is not None:
@@ -399,17 +458,29 @@ def run(args: argparse.Namespace) -> None:
           f"commit {environment['commit']}; copy bandwidth {copy_gbps:.0f} GB/s")
     print(f"Rows appended to {csv_path}. Speedups, GB/s and floor are of fwd+bwd; "
           "floor = (compulsory bytes / copy bandwidth) / time.\n")
-    print(TABLE_FORMAT.format(*TABLE_HEADER), flush=True)
 
-    # Compiled backwards with donated buffers (reusing saved intermediates' memory for their results)
-    # refuse the retain_graph=True that timing backward alone needs. Turning them off leaves the times
-    # as they are and may raise compile's peak memory by its saved intermediates: (N, C) ones for SE.
-    torch._functorch.config.donated_buffer = False
-    skip_reasons_shown = set()
+    start = time.monotonic()
+    configure_compile()
+    case_list = cases(args)
+    if args.compile_workers:
+        warm_caches_in_workers(case_list, args.impls, args.compile_workers)
+    print(TABLE_FORMAT.format(*TABLE_HEADER), flush=True)
+    reasons_given = set()
+
+    def say_once(message: str) -> None:
+        if message not in reasons_given:
+            reasons_given.add(message)
+            print(message, flush=True)
+
     with open(csv_path, "a", newline="") as csv_file:
         report = Report(csv_file, environment, copy_gbps)
-        for case in cases(args):
-            for impl, times, peak_mb in measure_case(case, args.impls, do_bench, skip_reasons_shown):
+        for i, case in enumerate(case_list):
+            if args.time_budget is not None and time.monotonic() - start > args.time_budget:
+                left = case_list[i:]
+                print(f"Time budget of {args.time_budget:g} s spent: {len(left)} of {len(case_list)} cases not run: "
+                      + "; ".join(map(str, left)), flush=True)
+                break
+            for impl, times, peak_mb in measure_case(case, args.impls, args.directions, do_bench, say_once):
                 report.add(case, impl, times, peak_mb)
     if pyplot is not None and report.speedups_to_plot:
         print(f"Plot written to {plot_speedups(pyplot, report.speedups_to_plot, csv_path)}")

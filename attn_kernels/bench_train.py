@@ -16,6 +16,7 @@ import argparse
 import copy
 import csv
 import os
+import time
 from datetime import datetime, timezone
 from typing import Dict, List, Optional
 
@@ -65,6 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--csv", metavar="PATH", help="CSV to append to (default: benchmarks/results/train-step-<gpu>-<YYYYMMDD>.csv)")
     add("--plot", action="store_true", help="also save a PNG of the step times beside the CSV")
     add("--quick", action="store_true", help="smoke run: seresnet50 and resnet50, eager and patched, 10 steps")
+    add("--time-budget", type=float, metavar="SECONDS",
+        help="start no model after this many seconds; the models left are listed (default: no limit)")
     args = parser.parse_args(argv)
     if args.quick:
         args.models, args.impls, args.steps = ["resnet50", "seresnet50"], ["eager", "patched"], 10
@@ -182,7 +185,11 @@ def run(args) -> None:
         writer = csv.DictWriter(csv_file, fieldnames=CSV_COLUMNS)
         if csv_file.tell() == 0:
             writer.writeheader()
-        for name in args.models:
+        start = time.monotonic()
+        for i, name in enumerate(args.models):
+            if args.time_budget is not None and time.monotonic() - start > args.time_budget:
+                print(f"Time budget of {args.time_budget:g} s spent: not run: {', '.join(args.models[i:])}")
+                break
             torch.manual_seed(0)
             model = create_model(name).cuda().to(memory_format=memory_format).train()
             has_attention = bool(attn_kernels.patch_report(model).with_status("patchable"))

@@ -22,13 +22,16 @@ HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
-if os.environ.get("PYTEST_XDIST_WORKER") and not HAS_GPU:
-    # scripts/test.sh runs one pytest-xdist worker per core: torch's own threads would oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # scripts/test.sh and benchmarks/gpu_check.sh run about one pytest-xdist worker per core: torch's
+    # own threads would oversubscribe them.
     torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
     if HAS_GPU:
+        # The GPU tests first: on a GPU lent for minutes, they are what a run cut short must have done.
+        items.sort(key=lambda item: "gpu" not in item.keywords)
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible")
     for item in items:
