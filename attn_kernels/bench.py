@@ -179,7 +179,10 @@ def gpu_slug() -> str:
 
 
 def git_commit() -> str:
-    """The commit of the checkout this package lives in, so a CSV row says what code it measured."""
+    """The commit of the checkout this package lives in, so a CSV row says what code it measured;
+    $ATTN_KERNELS_COMMIT where the code travelled without its git history (a lent GPU's copy)."""
+    if os.environ.get("ATTN_KERNELS_COMMIT"):
+        return os.environ["ATTN_KERNELS_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),

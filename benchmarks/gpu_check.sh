@@ -20,7 +20,8 @@
 # Output: gpu_check.log, tests.log, bench.{csv,png}, train_step.{csv,png} in $OUT when it is set (a
 # lent GPU's result folder: written as the run goes, so a run cut short returns what it did), else
 # in benchmarks/results/<gpu>-<UTC date-time>/.
-# Environment: PYTHON (default: python).
+# Environment: PYTHON (default: python); ATTN_KERNELS_COMMIT, the commit to name in logs and CSVs
+# where the tree has no git history (default: git rev-parse).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."  # the repository root, wherever this is run from
@@ -90,7 +91,7 @@ run_tests() {
 
 main() {
     local failed=""
-    echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown), steps $steps"
+    echo "gpu_check: $(date -u +%Y-%m-%dT%H:%M:%SZ), commit ${ATTN_KERNELS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}, steps $steps"
     echo "results: $results"
     nvidia-smi || echo "(nvidia-smi not available)"
     "$PYTHON" -c 'import sys, torch, triton; print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}")' || true
