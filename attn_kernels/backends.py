@@ -107,6 +107,28 @@ def cuda_build_info() -> dict:
         return json.load(f)
 
 
+def arch_list_runs_on(arch_list: str, major: int, minor: int) -> bool:
+    """Whether code built for TORCH_CUDA_ARCH_LIST=arch_list (e.g. "8.0;9.0a", "8.6 9.0+PTX") runs on
+    a GPU of compute capability major.minor: machine code for exactly that capability, with or
+    without the arch-specific suffix (9.0a code runs on 9.0 GPUs only, 10.0f on the 10.x family),
+    or PTX of an older plain capability that the driver compiles at load. An empty list is torch's
+    default (the visible GPUs when it was built): taken as able to run."""
+    entries = arch_list.replace(";", " ").split()
+    if not entries:
+        return True
+    for entry in entries:
+        arch, _, ptx = entry.partition("+")
+        suffix = arch[-1] if arch[-1] in "af" else ""
+        arch_major, _, arch_minor = arch.rstrip("af").partition(".")
+        if (int(arch_major), int(arch_minor or 0)) == (major, minor):
+            return True
+        if suffix == "f" and int(arch_major) == major and int(arch_minor or 0) <= minor:
+            return True
+        if ptx == "PTX" and not suffix and (int(arch_major), int(arch_minor or 0)) <= (major, minor):
+            return True
+    return False
+
+
 @torch.compiler.assume_constant_result
 def cuda_arch_error(device_index: int) -> Optional[str]:
     """Why the extension's kernels cannot run on this GPU (not compiled for its arch), or None."""
@@ -114,11 +136,7 @@ def cuda_arch_error(device_index: int) -> Optional[str]:
     if key not in _status_cache:
         major, minor = torch.cuda.get_device_capability(device_index)
         arch_list = cuda_build_info().get("cuda_arch_list", "")
-        entries = arch_list.replace(";", " ").split()  # e.g. "8.0 9.0+PTX"
-        compiled = {e.split("+")[0] for e in entries}
-        ptx = [float(e.split("+")[0]) for e in entries if e.endswith("+PTX")]
-        ok = not entries or f"{major}.{minor}" in compiled or any(p <= major + minor / 10 for p in ptx)
-        _status_cache[key] = None if ok else (
+        _status_cache[key] = None if arch_list_runs_on(arch_list, major, minor) else (
             f"the CUDA extension was built for TORCH_CUDA_ARCH_LIST={arch_list!r}, not for this GPU "
             f"(sm_{major}{minor}); rebuild with TORCH_CUDA_ARCH_LIST={major}.{minor}"
         )

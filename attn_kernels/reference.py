@@ -248,7 +248,7 @@ def non_local(
 def at_map(x: torch.Tensor, p: float = 2) -> torch.Tensor:
     """The attention map of attention transfer: the mean over channels of |x|^p, flattened and
     L2-normalized per sample (the paper's `at`, F.normalize(x.pow(2).mean(1).view(N, -1)) at p = 2)."""
-    return F.normalize(x.abs().pow(p).mean(1).view(x.shape[0], -1))
+    return F.normalize(x.abs().pow(p).mean(1).flatten(1))  # flatten, not view(N, -1): N may be 0
 
 
 def aligned(student: torch.Tensor, teacher: torch.Tensor):

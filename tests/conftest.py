@@ -2,7 +2,8 @@
 
 - Without a CUDA GPU, Triton kernels run in Triton's interpreter on CPU tensors: TRITON_INTERPRET
   must be set before triton is first imported, hence here.
-- Tests marked `gpu` are skipped (never passed) where there is no CUDA GPU.
+- Tests marked `gpu` are skipped (never passed) where there is no CUDA GPU; tests marked
+  `cpu_kernels` (kernels on CPU tensors) are skipped where there is one.
 - `poisoned` makes every fresh allocation NaN (torch's deterministic mode fills uninitialized
   memory), so an output element a kernel forgets to write cannot pass by luck; it also turns on
   torch.use_deterministic_algorithms, which rejects nondeterministic ops.
@@ -10,6 +11,7 @@
   Triton's interpreter, and 'cuda', the CUDA kernels of csrc/ under their CPU emulation
   (attn_kernels._emulated; scripts/test.sh builds it, and there its absence is a failure). Every
   emulated launch runs its threads in two orders and fails unless the results agree bitwise.
+  `cpu_kernel_backend` is the same for tests on CPU tensors: skipped where a GPU is present.
 """
 import os
 
@@ -32,16 +34,27 @@ def pytest_collection_modifyitems(config, items):
     if HAS_GPU:
         # The GPU tests first: on a GPU lent for minutes, they are what a run cut short must have done.
         items.sort(key=lambda item: "gpu" not in item.keywords)
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is visible")
+        marker, reason = "cpu_kernels", ("runs the kernels on CPU tensors, in Triton's interpreter or the CUDA "
+                                         "emulation, neither of which runs where a GPU is present")
+    else:
+        marker, reason = "gpu", "needs a CUDA GPU; none is visible"
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
-        if "gpu" in item.keywords:
+        if marker in item.keywords:
             item.add_marker(skip)
 
 
 @pytest.fixture(params=["triton", "cuda"])
 def kernel_backend(request):
+    """A kernel backend for a test whose tensors are CUDA tensors where a GPU is present."""
     return request.param if HAS_GPU else require_cpu_backend(request.param)
+
+
+@pytest.fixture(params=["triton", "cuda"])
+def cpu_kernel_backend(request):
+    """A kernel backend for a test on CPU tensors: skipped where a GPU is present, since neither
+    Triton's interpreter nor the CUDA emulation runs there (tests/test_gpu.py runs the kernels)."""
+    return require_cpu_backend(request.param)
 
 
 def require_cpu_backend(backend: str) -> str:

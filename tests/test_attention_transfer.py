@@ -29,6 +29,7 @@ def test_reference_is_the_papers_code():
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("p", [2, 1, 3, 1.5])
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("shapes", [((2, 8, 5, 7), (2, 12, 5, 7)), ((3, 5, 8, 8), (3, 70, 4, 4)),
                                     ((2, 6, 3, 6), (2, 4, 6, 3)), ((2, 3, 1, 1), (2, 3, 1, 1))], ids=str)
 def test_triton_interpreted_matches_reference_float64(shapes, p, layout, poisoned):
@@ -103,6 +104,7 @@ def test_triton_interpreted_low_precision_within_twice_eager_error(dtype, poison
         assert_close_to_reference(name, g, e, r)
 
 
+@pytest.mark.cpu_kernels
 def test_opcheck():
     x = make_x((2, 6, 4, 3))
     torch.library.opcheck(channel_power_mean, (x.requires_grad_(), 2.0))
@@ -130,6 +132,7 @@ def test_compile_fullgraph_has_no_graph_break():
         torch.testing.assert_close(loss, attn_kernels.at_loss(s.detach(), t))
 
 
+@pytest.mark.cpu_kernels
 def test_saves_only_the_student():
     s, t = make_x((2, 8, 4, 4)).requires_grad_(), make_x((2, 8, 4, 4), seed=1)
     saved = []
@@ -139,9 +142,10 @@ def test_saves_only_the_student():
     assert [u for u in saved if u.numel() >= s.numel()] == [s]
 
 
-def test_empty_batch():
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_empty_batch(backend):
     s = torch.randn(0, 4, 3, 3, requires_grad=True)
-    with attn_kernels.use_backend("triton"):
+    with attn_kernels.use_backend(backend):
         assert attn_kernels.at_map(s).shape == (0, 9)
 
 

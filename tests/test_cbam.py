@@ -68,16 +68,16 @@ def test_state_dict_loads_both_ways(block, kwargs):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: s[0])
 @pytest.mark.parametrize("block", BLOCKS)
-def test_kernel_matches_reference(block, sample, layout, train, poisoned, kernel_backend):
+def test_kernel_matches_reference(block, sample, layout, train, poisoned, cpu_kernel_backend):
     _, shape, kind = sample
-    check_kernel_against_reference(kernel_backend, make_x(shape, layout=layout, kind=kind), block, train=train)
+    check_kernel_against_reference(cpu_kernel_backend, make_x(shape, layout=layout, kind=kind), block, train=train)
 
 
 @interpreted_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
-def test_kernel_dtypes(dtype, poisoned, kernel_backend):
+def test_kernel_dtypes(dtype, poisoned, cpu_kernel_backend):
     for layout in LAYOUTS:
-        check_kernel_against_reference(kernel_backend, make_x((2, 24, 5, 7), dtype, layout=layout, kind="relu"), "cbam",
+        check_kernel_against_reference(cpu_kernel_backend, make_x((2, 24, 5, 7), dtype, layout=layout, kind="relu"), "cbam",
                                        {"rd_ratio": 0.25})
 
 
@@ -165,11 +165,11 @@ def test_compile_fullgraph_has_no_graph_break():
         torch.testing.assert_close(b, c, msg=name)
 
 
-def test_saves_only_x_and_small_statistics(kernel_backend):
+def test_saves_only_x_and_small_statistics(cpu_kernel_backend):
     """Backward keeps x plus O(N*C + N*H*W) tensors and the tiny weights: timm's CBAM keeps 2|x|."""
     x = make_x((2, 32, 8, 8)).requires_grad_()
     _, fused = pair("cbam", 32)
-    saved = saved_for_backward(fused, x, kernel_backend)
+    saved = saved_for_backward(fused, x, cpu_kernel_backend)
     activation_sized = [t for t in saved if t.numel() >= x.numel()]
     assert len(activation_sized) == 1 and activation_sized[0].data_ptr() == x.data_ptr()
     params = sum(p.numel() for p in fused.parameters())
@@ -177,16 +177,17 @@ def test_saves_only_x_and_small_statistics(kernel_backend):
     assert sum(t.numel() for t in saved) <= x.numel() + params + 2 * N * C + 3 * N * H * W + 2
 
 
-def test_deterministic_bitwise(kernel_backend):
+def test_deterministic_bitwise(cpu_kernel_backend):
     x = make_x((2, 24, 9, 7), kind="relu")
     dy = make_x((2, 24, 9, 7), seed=3)
     _, fused = pair("cbam", 24)
-    first, second = run(fused, x, dy, kernel_backend), run(fused, x, dy, kernel_backend)
+    first, second = run(fused, x, dy, cpu_kernel_backend), run(fused, x, dy, cpu_kernel_backend)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     grads = [k for k in first[2] if "running" not in k]  # running statistics move on each step
     assert all(torch.equal(first[2][k], second[2][k]) for k in grads)
 
 
+@pytest.mark.cpu_kernels
 def test_dispatch_falls_back_with_a_reason():
     x = make_x((2, 8, 4, 4))
     eager, fused = pair("cbam", 8)
@@ -204,7 +205,7 @@ def test_dispatch_falls_back_with_a_reason():
             spatial(single)
 
 
-def test_eval_without_running_statistics_uses_batch_statistics(kernel_backend):
+def test_eval_without_running_statistics_uses_batch_statistics(cpu_kernel_backend):
     """As nn.BatchNorm2d: in eval with no running statistics, normalize with the batch's."""
     eager, fused = pair("cbam", 8)
     for module in (eager, fused):
@@ -215,18 +216,18 @@ def test_eval_without_running_statistics_uses_batch_statistics(kernel_backend):
     x = make_x((2, 8, 4, 5))
     dy = make_x((2, 8, 4, 5), seed=1)
     y_e, dx_e, _ = run(eager, x, dy)
-    y_f, dx_f, _ = run(fused, x, dy, kernel_backend)
+    y_f, dx_f, _ = run(fused, x, dy, cpu_kernel_backend)
     torch.testing.assert_close(y_f, y_e)
     torch.testing.assert_close(dx_f, dx_e)
 
 
-def test_different_gates_run_the_parts_apart(kernel_backend):
+def test_different_gates_run_the_parts_apart(cpu_kernel_backend):
     eager, fused = pair("cbam", 8)
     fused.spatial.gate = eager.spatial.gate = torch.nn.Hardsigmoid()
     x = make_x((2, 8, 4, 5))
     dy = make_x((2, 8, 4, 5), seed=1)
     y_e, dx_e, _ = run(eager, x, dy)
-    y_f, dx_f, _ = run(fused, x, dy, kernel_backend)
+    y_f, dx_f, _ = run(fused, x, dy, cpu_kernel_backend)
     torch.testing.assert_close(y_f, y_e)
     torch.testing.assert_close(dx_f, dx_e)
 
@@ -267,6 +268,7 @@ def official_semantics(x, state, pool_types, no_spatial, training, running_stats
     return x * torch.sigmoid(z)
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("pool_types, no_spatial", [(["avg", "max"], False), (["avg"], False), (["max"], False),
                                                     (["avg", "max"], True)], ids=str)

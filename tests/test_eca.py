@@ -84,16 +84,16 @@ def test_repr():
 @interpreted_only
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: s[0])
-def test_kernel_matches_reference(sample, layout, poisoned, kernel_backend):
+def test_kernel_matches_reference(sample, layout, poisoned, cpu_kernel_backend):
     _, block, shape, kwargs = sample
     x = make_x(shape, layout=layout)
     eager_args = () if "kernel_size" in kwargs and not kwargs.get("use_mlp") else None
     if eager_args is None:
-        check_kernel_against_reference(kernel_backend, x, block, kwargs)
+        check_kernel_against_reference(cpu_kernel_backend, x, block, kwargs)
     else:  # kernel_size as given: no channels argument
         eager, fused = pair(block, shape[1], kwargs)
         dy = make_x(shape, seed=1, layout=layout)
-        y_k, dx_k, g_k = run(fused, x, dy, kernel_backend)
+        y_k, dx_k, g_k = run(fused, x, dy, cpu_kernel_backend)
         y_r, dx_r, g_r = run(eager.double(), x.double(), dy.double())
         torch.testing.assert_close(y_k, y_r.float())
         torch.testing.assert_close(dx_k, dx_r.float())
@@ -104,9 +104,9 @@ def test_kernel_matches_reference(sample, layout, poisoned, kernel_backend):
 @interpreted_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("block, kwargs", [("eca", {}), ("eca", {"use_mlp": True}), ("ceca", {})], ids=str)
-def test_kernel_dtypes(block, kwargs, dtype, poisoned, kernel_backend):
+def test_kernel_dtypes(block, kwargs, dtype, poisoned, cpu_kernel_backend):
     for layout in LAYOUTS:
-        check_kernel_against_reference(kernel_backend, make_x((2, 24, 5, 7), dtype, layout=layout), block, kwargs)
+        check_kernel_against_reference(cpu_kernel_backend, make_x((2, 24, 5, 7), dtype, layout=layout), block, kwargs)
 
 
 @pytest.mark.parametrize("mode", ["conv", "circular", "mlp"])
@@ -153,21 +153,21 @@ def test_compile_fullgraph_has_no_graph_break():
     check_compiles_without_graph_break(make_pair("eca", 16)[1], 16)
 
 
-def test_saves_only_x_and_per_channel_statistics(kernel_backend):
+def test_saves_only_x_and_per_channel_statistics(cpu_kernel_backend):
     x = make_x((2, 32, 8, 8)).requires_grad_()
     _, fused = make_pair("eca", 32, use_mlp=True)
-    saved = saved_for_backward(fused, x, kernel_backend)
+    saved = saved_for_backward(fused, x, cpu_kernel_backend)
     activation_sized = [t for t in saved if t.numel() >= x.numel()]
     assert len(activation_sized) == 1 and activation_sized[0].data_ptr() == x.data_ptr()
     params = sum(p.numel() for p in fused.parameters())
     assert sum(t.numel() for t in saved) <= x.numel() + params + 2 * x.shape[0] * x.shape[1]
 
 
-def test_deterministic_bitwise(kernel_backend):
+def test_deterministic_bitwise(cpu_kernel_backend):
     x = make_x((2, 24, 9, 7))
     dy = make_x((2, 24, 9, 7), seed=3)
     _, fused = make_pair("ceca", 24)
-    first, second = run(fused, x, dy, kernel_backend), run(fused, x, dy, kernel_backend)
+    first, second = run(fused, x, dy, cpu_kernel_backend), run(fused, x, dy, cpu_kernel_backend)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert all(torch.equal(first[2][k], second[2][k]) for k in first[2])
 
@@ -182,6 +182,7 @@ def official_semantics(x, conv_weight):
     return x * torch.sigmoid(y.transpose(-1, -2).unsqueeze(-1))
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("k_size", [3, 5])
 def test_official_layout_matches_the_papers_code(k_size):
     torch.manual_seed(0)

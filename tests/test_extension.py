@@ -69,3 +69,22 @@ def test_build_info_records_architectures(extension):
 def test_cpu_tensor_is_refused(extension):
     with pytest.raises(NotImplementedError, match="attn_kernels_cuda::channel_pool"):
         torch.ops.attn_kernels_cuda.channel_pool(torch.ones(1, 1, 2, 2), False)
+
+
+@pytest.mark.parametrize("arch_list, capability, runs", [
+    ("9.0", (9, 0), True),
+    ("9.0a", (9, 0), True),  # what the GPU machine's image sets: Hopper-specific code, runs on 9.0
+    ("8.0;9.0a", (8, 0), True),
+    ("9.0a", (8, 0), False),
+    ("9.0a", (10, 0), False),
+    ("8.0+PTX", (9, 0), True),  # the driver compiles the PTX
+    ("9.0a+PTX", (10, 0), False),  # arch-specific PTX runs on its own capability only
+    ("10.0f", (10, 3), True),  # a family: 10.x
+    ("10.0f", (12, 0), False),
+    ("8.0 8.6", (8, 9), False),
+    ("", (7, 5), True),
+])
+def test_arch_list_runs_on(arch_list, capability, runs):
+    from attn_kernels.backends import arch_list_runs_on
+
+    assert arch_list_runs_on(arch_list, *capability) is runs

@@ -80,8 +80,8 @@ def test_repr():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("sample", SHAPES, ids=lambda s: s[0])
 @pytest.mark.parametrize("config", CONFIGS)
-def test_kernel_matches_reference(config, sample, layout, poisoned, kernel_backend):
-    check_kernel_against_reference(kernel_backend, make_x(sample[1], layout=layout), "gc",
+def test_kernel_matches_reference(config, sample, layout, poisoned, cpu_kernel_backend):
+    check_kernel_against_reference(cpu_kernel_backend, make_x(sample[1], layout=layout), "gc",
                                    {"rd_ratio": 0.25, **CONFIGS[config]})
 
 
@@ -98,20 +98,20 @@ def timm_attention_init(module):
 @interpreted_only
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("stage", [(256, 56), (512, 28), (1024, 14), (2048, 7)], ids=lambda s: f"{s[0]}x{s[1]}x{s[1]}")
-def test_resnet50_stage_shapes(stage, layout, kernel_backend):
+def test_resnet50_stage_shapes(stage, layout, cpu_kernel_backend):
     """At the widths of a real model (ResNet-50's stages, N = 1): the tiles, splits and warps the
     small shapes above never reach."""
     C, S = stage
-    check_kernel_against_reference(kernel_backend, make_x((1, C, S, S), layout=layout), "gc",
+    check_kernel_against_reference(cpu_kernel_backend, make_x((1, C, S, S), layout=layout), "gc",
                                    {"rd_ratio": 0.25, **CONFIGS["att+scale+add"]}, init=timm_attention_init)
 
 
 @interpreted_only
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("config", ["att+scale+add", "avg+scale+add"])
-def test_kernel_dtypes(config, dtype, poisoned, kernel_backend):
+def test_kernel_dtypes(config, dtype, poisoned, cpu_kernel_backend):
     for layout in LAYOUTS:
-        check_kernel_against_reference(kernel_backend, make_x((2, 24, 5, 7), dtype, layout=layout), "gc",
+        check_kernel_against_reference(cpu_kernel_backend, make_x((2, 24, 5, 7), dtype, layout=layout), "gc",
                                        {"rd_ratio": 0.25, **CONFIGS[config]})
 
 
@@ -222,23 +222,23 @@ def test_compile_fullgraph_has_no_graph_break():
     check_compiles_without_graph_break(pair(16, "att+scale+add")[1], 16)
 
 
-def test_saves_only_x_and_small_statistics(kernel_backend):
+def test_saves_only_x_and_small_statistics(cpu_kernel_backend):
     """Backward keeps x plus the (N, C) context, the (N,) log-sum-exp and the weights; timm keeps
     the softmax (N*H*W) and x several times over."""
     x = make_x((2, 32, 8, 8)).requires_grad_()
     _, fused = pair(32, "att+scale+add")
-    saved = saved_for_backward(fused, x, kernel_backend)
+    saved = saved_for_backward(fused, x, cpu_kernel_backend)
     activation_sized = [t for t in saved if t.numel() >= x.numel()]
     assert len(activation_sized) == 1 and activation_sized[0].data_ptr() == x.data_ptr()
     params = sum(p.numel() for p in fused.parameters())
     assert sum(t.numel() for t in saved) <= x.numel() + params + x.shape[0] * x.shape[1] + x.shape[0]
 
 
-def test_deterministic_bitwise(kernel_backend):
+def test_deterministic_bitwise(cpu_kernel_backend):
     x = make_x((2, 24, 9, 7))
     dy = make_x((2, 24, 9, 7), seed=3)
     _, fused = pair(24, "att+scale+add")
-    first, second = run(fused, x, dy, kernel_backend), run(fused, x, dy, kernel_backend)
+    first, second = run(fused, x, dy, cpu_kernel_backend), run(fused, x, dy, cpu_kernel_backend)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert all(torch.equal(first[2][k], second[2][k]) for k in first[2])
 
@@ -269,6 +269,7 @@ def mmcv_semantics(x, state, pooling_type, fusion_types):
     return out
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("pooling_type", ["att", "avg"])
 @pytest.mark.parametrize("fusion_types", [("channel_add",), ("channel_mul",), ("channel_add", "channel_mul")], ids=str)
 def test_mmcv_layout_matches_mmcvs_code(pooling_type, fusion_types):
@@ -304,6 +305,7 @@ def test_empty_batch_mmcv_layout(pooling_type):
     check_empty_batch(attn_kernels.FusedContextBlock(8, 1 / 4, pooling_type, ("channel_add", "channel_mul")), 8)
 
 
+@pytest.mark.cpu_kernels
 def test_dispatch_falls_back_with_a_reason():
     with attn_kernels.use_backend("triton"):
         wide = attn_kernels.FusedGC(4104)

@@ -222,6 +222,10 @@ def test_sigmoid_gate_matches_reference(form, backend, dtype, layout, shape, poi
 def test_attention_transfer_matches_reference(p, dtype, layout, shape, poisoned):
     from attn_kernels import reference
 
+    # Aligning the sizes runs adaptive_avg_pool2d, whose CUDA backward has no deterministic
+    # implementation (in every path alike: reference, eager and kernel); warn_only keeps the
+    # poisoning of fresh allocations.
+    torch.use_deterministic_algorithms(True, warn_only=True)
     student = make_x(shape, dtype, "cuda", layout)
     teacher = make_x((shape[0], shape[1] // 2, shape[2] // 2 or 1, shape[3] // 2 or 1), dtype, "cuda", layout, seed=1)
 

@@ -307,8 +307,8 @@ def block_ids(v):
 
 
 @pytest.mark.parametrize("block, train", BLOCK_MODES, ids=block_ids)
-def test_kernels_as_eager(block, train, kernel_backend):
-    check_block(block, train, kernel_backend)
+def test_kernels_as_eager(block, train, cpu_kernel_backend):
+    check_block(block, train, cpu_kernel_backend)
 
 
 @pytest.mark.parametrize("block, train", BLOCK_MODES, ids=block_ids)
@@ -317,7 +317,7 @@ def test_reference_as_eager(block, train):
 
 
 @pytest.mark.parametrize("n", [1, 4], ids=["split", "tile"])
-def test_attention_pool_gives_minus_inf_logits_weight_zero(n, kernel_backend):
+def test_attention_pool_gives_minus_inf_logits_weight_zero(n, cpu_kernel_backend):
     """GC's attention pooling: logits of -inf over whole splits of H*W (N = 1: the Triton grid
     splits the 64 pixels in four there) or over the first tile a program reads (N = 4: one split,
     two tiles of 32 pixels) get weight 0 next to finite logits, as in torch.softmax: only the
@@ -331,7 +331,7 @@ def test_attention_pool_gives_minus_inf_logits_weight_zero(n, kernel_backend):
     weight[5] = 0.5
     bias = torch.tensor([0.25])
     x[0, 5, :4] = -INF  # the first 32 of 64 pixels: their logits are -inf
-    context, lse = primitives(kernel_backend, torch.device(DEVICE)).attention_pool(
+    context, lse = primitives(cpu_kernel_backend, torch.device(DEVICE)).attention_pool(
         x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE))
     x64 = x.double().flatten(2)
     logits = (x64 * weight.double()[:, None]).sum(1) + bias.double()

@@ -42,7 +42,7 @@ def step(model, x, dy, backend="triton", call=None):
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", MODULES)
-def test_patched_module_computes_what_it_did(name, train, kernel_backend):
+def test_patched_module_computes_what_it_did(name, train, cpu_kernel_backend):
     torch.manual_seed(0)
     original = randomized(MODULES[name]()).double().train(train)
     keys = list(original.state_dict())
@@ -54,11 +54,11 @@ def test_patched_module_computes_what_it_did(name, train, kernel_backend):
     assert list(patched.state_dict()) == keys
     assert [t.data_ptr() for t in patched.state_dict().values()] == tensors  # the same tensors, not copies
     x = make_x((2, C, 5, 6), dtype=torch.float64, seed=1)
-    with attn_kernels.use_backend(kernel_backend):
-        assert patched.dispatch(x).backend == BACKEND.get(name, kernel_backend), patched.dispatch(x)
+    with attn_kernels.use_backend(cpu_kernel_backend):
+        assert patched.dispatch(x).backend == BACKEND.get(name, cpu_kernel_backend), patched.dispatch(x)
     with torch.no_grad():
         dy = make_x(tuple(copy.deepcopy(original)(x).shape), dtype=torch.float64, seed=2)
-    expected, got = step(original, x, dy, "reference"), step(patched, x, dy, kernel_backend)
+    expected, got = step(original, x, dy, "reference"), step(patched, x, dy, cpu_kernel_backend)
     assert expected.keys() == got.keys()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-10, atol=1e-12, msg=key)

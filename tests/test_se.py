@@ -77,19 +77,19 @@ def test_repr_names_the_shape():
 # ---- kernels vs reference -------------------------------------------------------------------
 
 @pytest.mark.parametrize("sample", list(sample_inputs()), ids=lambda s: s[0])
-def test_kernel_matches_reference(sample, poisoned, kernel_backend):
+def test_kernel_matches_reference(sample, poisoned, cpu_kernel_backend):
     if torch.cuda.is_available():
         pytest.skip("covered at real shapes by the GPU tests")
     _, x, kwargs = sample
-    check_kernel_against_reference(kernel_backend, x, "se", kwargs)
+    check_kernel_against_reference(cpu_kernel_backend, x, "se", kwargs)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_kernel_dtypes(dtype, poisoned, kernel_backend):
+def test_kernel_dtypes(dtype, poisoned, cpu_kernel_backend):
     if torch.cuda.is_available():
         pytest.skip("covered at real shapes by the GPU tests")
     for layout in LAYOUTS:
-        check_kernel_against_reference(kernel_backend, make_x((2, 24, 5, 7), dtype, layout=layout), "se", {"add_maxpool": True})
+        check_kernel_against_reference(cpu_kernel_backend, make_x((2, 24, 5, 7), dtype, layout=layout), "se", {"add_maxpool": True})
 
 
 def test_reductions_split_over_hw(monkeypatch, poisoned):
@@ -160,29 +160,30 @@ def test_compile_fullgraph_has_no_graph_break():
     check_compiles_without_graph_break(make_pair("se", 16)[1], 16)
 
 
-def test_saves_only_x_and_per_channel_statistics(kernel_backend):
+def test_saves_only_x_and_per_channel_statistics(cpu_kernel_backend):
     """Backward keeps x plus O(N*C) tensors (and the tiny weights): nothing else the size of x."""
     x = make_x((2, 32, 8, 8)).requires_grad_()
     _, fused = make_pair("se", 32, add_maxpool=True)
-    saved = saved_for_backward(fused, x, kernel_backend)
+    saved = saved_for_backward(fused, x, cpu_kernel_backend)
     activation_sized = [t for t in saved if t.numel() >= x.numel()]
     assert len(activation_sized) == 1 and activation_sized[0].data_ptr() == x.data_ptr()
     params = sum(p.numel() for p in fused.parameters())
     assert sum(t.numel() for t in saved) <= x.numel() + params + 4 * x.shape[0] * x.shape[1]
 
 
-def test_deterministic_bitwise(kernel_backend):
+def test_deterministic_bitwise(cpu_kernel_backend):
     x = make_x((2, 24, 9, 7), kind="relu")
     dy = make_x((2, 24, 9, 7), seed=3)
     _, fused = make_pair("se", 24, add_maxpool=True)
-    first = run(fused, x, dy, kernel_backend)
-    second = run(fused, x, dy, kernel_backend)
+    first = run(fused, x, dy, cpu_kernel_backend)
+    second = run(fused, x, dy, cpu_kernel_backend)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert all(torch.equal(first[2][k], second[2][k]) for k in first[2])
 
 
 # ---- dispatch and bad input -----------------------------------------------------------------
 
+@pytest.mark.cpu_kernels
 def test_dispatch_says_why():
     _, fused = make_pair("se", 8)
     x = make_x((1, 8, 3, 3))

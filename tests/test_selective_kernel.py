@@ -81,6 +81,7 @@ def test_reference_backend_matches_timm(sample, train):
         assert torch.equal(g_e[name], g_f[name]), name
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: s[0])
@@ -131,6 +132,7 @@ def test_attention_module_matches_timm():
         fused(x[:, :2])
 
 
+@pytest.mark.cpu_kernels
 def test_many_splits_and_tiles(monkeypatch, poisoned):
     """path_grad_reduce split over H*W (summed in a fixed order) and C over several tiles."""
     from attn_kernels.triton import channel_gate
@@ -147,6 +149,7 @@ def op_args(P=2, N=3, C=8, A=4):
     return paths, weights, torch.randn(P * C, A, 1, 1)
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("training", [True, False])
 def test_opcheck(training):
     paths, (w1, bn_w, bn_b, rm, rv), w2 = op_args()
@@ -182,6 +185,7 @@ def test_compile_fullgraph_has_no_graph_break():
         torch.testing.assert_close(y, reference(x.detach()))
 
 
+@pytest.mark.cpu_kernels
 def test_saves_the_paths_and_small_statistics():
     """Backward keeps the paths (alive anyway: the branch activations save them) and O(N*C)
     tensors; timm also saves the stacked copy of the paths."""

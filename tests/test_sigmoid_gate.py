@@ -46,15 +46,15 @@ def test_reference_is_the_papers_formula():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
-def test_kernel_matches_reference_float64(form, shape, layout, poisoned, kernel_backend):
+def test_kernel_matches_reference_float64(form, shape, layout, poisoned, cpu_kernel_backend):
     spatial, residual = form
     x, logits = inputs(shape, spatial, layout=layout)
-    skip_pointwise_on_cuda(x, logits, kernel_backend)
+    skip_pointwise_on_cuda(x, logits, cpu_kernel_backend)
     dy = make_x(shape, torch.float64, layout=layout, seed=1)
-    with attn_kernels.use_backend(kernel_backend):
-        assert F.sigmoid_gate_dispatch(x, logits).backend == kernel_backend
+    with attn_kernels.use_backend(cpu_kernel_backend):
+        assert F.sigmoid_gate_dispatch(x, logits).backend == cpu_kernel_backend
     expected = gate_step(x, logits, dy, residual, "reference")
-    got = gate_step(x, logits, dy, residual, kernel_backend)
+    got = gate_step(x, logits, dy, residual, cpu_kernel_backend)
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-14)
     assert got[0].stride() == x.stride() and got[1].stride() == x.stride() and got[2].shape == logits.shape
@@ -62,18 +62,19 @@ def test_kernel_matches_reference_float64(form, shape, layout, poisoned, kernel_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
-def test_kernel_low_precision_within_twice_eager_error(form, dtype, poisoned, kernel_backend):
+def test_kernel_low_precision_within_twice_eager_error(form, dtype, poisoned, cpu_kernel_backend):
     spatial, residual = form
     x, logits = inputs((2, 24, 6, 5), spatial, dtype)
-    skip_pointwise_on_cuda(x, logits, kernel_backend)
+    skip_pointwise_on_cuda(x, logits, cpu_kernel_backend)
     dy = make_x(tuple(x.shape), dtype, seed=1)
     ref = gate_step(x.double(), logits.double(), dy.double(), residual, "reference")
     eager = gate_step(x, logits, dy, residual, "reference")
-    got = gate_step(x, logits, dy, residual, kernel_backend)
+    got = gate_step(x, logits, dy, residual, cpu_kernel_backend)
     for name, g, e, r in zip(["y", "dx", "dlogits"], got, eager, ref):
         assert_close_to_reference(name, g, e, r)
 
 
+@pytest.mark.cpu_kernels
 def test_sam_module():
     for spatial, k in [(False, 1), (True, 7)]:
         sam = attn_kernels.FusedSAM(16, spatial=spatial).double()
@@ -89,6 +90,7 @@ def test_sam_module():
         attn_kernels.FusedSAM(8, kernel_size=2)
 
 
+@pytest.mark.cpu_kernels
 def test_residual_attention_module():
     trunk, mask = inputs((2, 8, 3, 4), False)
     m = attn_kernels.FusedResidualAttention()
@@ -97,6 +99,7 @@ def test_residual_attention_module():
         torch.testing.assert_close(m(trunk, mask), (1 + torch.sigmoid(mask)) * trunk)
 
 
+@pytest.mark.cpu_kernels
 @pytest.mark.parametrize("form", FORMS, ids=FORM_IDS)
 def test_opcheck(form):
     spatial, residual = form
@@ -127,6 +130,7 @@ def test_compile_fullgraph_has_no_graph_break():
             torch.testing.assert_close(y, sam(x.detach()))
 
 
+@pytest.mark.cpu_kernels
 def test_saves_x_and_logits_only():
     x, logits = inputs((2, 8, 4, 4), False, torch.float32)
     x.requires_grad_(), logits.requires_grad_()
