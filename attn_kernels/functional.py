@@ -8,7 +8,7 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from . import reference
+from . import batch_norm, reference
 from .activations import ACTIVATIONS, kernel_activation_name
 from .backends import KERNEL_BACKENDS, Dispatch, dispatch, get_backend
 from .ops.cbam import cbam_forward
@@ -263,9 +263,12 @@ def _check_pool(pool):
 
 
 def _batch_norm_reason(x, channels: int, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training: bool,
-                       values_per_channel: int) -> Optional[str]:
+                       values_per_channel: int, bn_group: str = "") -> Optional[str]:
     """Checks a fused BatchNorm's tensors ((channels,) each, optional) and says why its
-    configuration has no fused kernel, or None."""
+    configuration has no fused kernel, or None. Synchronized (bn_group), the values per channel
+    are the whole group's, which only the op's all-reduce counts."""
+    if not isinstance(bn_group, str):
+        raise TypeError(f"bn_group must be a process group's name (str, '' for none), got {type(bn_group).__name__}")
     for name, t in (("bn_running_mean", bn_running_mean), ("bn_running_var", bn_running_var),
                     ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
         _check_tensor(name, t, (channels,), x, optional=True)
@@ -273,12 +276,12 @@ def _batch_norm_reason(x, channels: int, bn_running_mean, bn_running_var, bn_wei
         return "a BatchNorm without affine weight and bias has no fused kernel"
     if not bn_training and (bn_running_mean is None or bn_running_var is None):
         return "BatchNorm normalizes with batch statistics in eval (no running statistics): no fused kernel"
-    if bn_training and values_per_channel <= 1:
+    if bn_training and values_per_channel <= 1 and not bn_group:
         return "BatchNorm in training needs more than one value per channel"
     return None
 
 
-def _cbam_plan(x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, act, gate):
+def _cbam_plan(x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, bn_group, act, gate):
     """(dispatch, act kernel name, gate kernel name) for cbam() on x with this configuration."""
     _check_activation_input(x)
     if not isinstance(conv_weight, Tensor) or conv_weight.dim() != 4 or conv_weight.shape[:2] != (1, 2) \
@@ -289,7 +292,7 @@ def _cbam_plan(x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bi
         )
     _check_tensor("conv_weight", conv_weight, tuple(conv_weight.shape), x)
     reason = _batch_norm_reason(x, 1, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training,
-                                x.shape[0] * x.shape[2] * x.shape[3])
+                                x.shape[0] * x.shape[2] * x.shape[3], bn_group)
     act_name, gate_name = _kernel_name(act, "act"), _kernel_name(gate, "gate")
     if reason is None and act_name is None:
         reason = _no_formula("act", act)
@@ -299,9 +302,10 @@ def _cbam_plan(x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bi
 
 
 def cbam_dispatch(x: Tensor, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, *,
-                  bn_training: bool = False, act: Act = "relu", gate: Act = "sigmoid") -> Dispatch:
+                  bn_training: bool = False, bn_group: str = "", act: Act = "relu", gate: Act = "sigmoid") -> Dispatch:
     """Which backend cbam() runs on x with this configuration, and why others were passed over."""
-    return _cbam_plan(x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, act, gate)[0]
+    return _cbam_plan(x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, bn_group,
+                      act, gate)[0]
 
 
 def cbam(
@@ -319,6 +323,7 @@ def cbam(
     bn_training: bool = False,
     bn_momentum: float = 0.1,
     bn_eps: float = 1e-5,
+    bn_group: str = "",
     pool: str = "avg+max",
     act: Act = "relu",
     gate: Act = "sigmoid",
@@ -329,38 +334,29 @@ def cbam(
 
     conv_weight is (1, 2, k, k), the BN arguments are those of F.batch_norm, and in training the
     running statistics are updated in place as F.batch_norm does (bn_momentum is its factor).
+    bn_group, a process group's name (attn_kernels.batch_norm.group_name), makes the BatchNorm's
+    batch in training the whole group's, as nn.SyncBatchNorm's.
     """
     channel = fc1_weight is not None
     if channel:
         _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
     _check_pool(pool)
     choice, act_name, gate_name = _cbam_plan(
-        x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, act, gate
+        x, conv_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, bn_group, act, gate
     )
     if choice.backend == "reference":
         return reference.cbam(
             x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_running_mean, bn_running_var,
-            bn_weight, bn_bias, bn_training=bn_training, bn_momentum=bn_momentum, bn_eps=bn_eps, pool=pool, act=act,
-            gate=gate,
+            bn_weight, bn_bias, bn_training=bn_training, bn_momentum=bn_momentum, bn_eps=bn_eps, bn_group=bn_group,
+            pool=pool, act=act, gate=gate,
         )
-    y, *_, bn_mean, bn_var = cbam_forward(
+    y, *_, bn_mean, bn_var, bn_count = cbam_forward(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias,
-        bn_running_mean, bn_running_var, bn_training, bn_eps, pool, act_name, gate_name, choice.backend,
+        bn_running_mean, bn_running_var, bn_training, bn_eps, bn_group, pool, act_name, gate_name, choice.backend,
     )
     if bn_training:
-        _update_running_stats(bn_running_mean, bn_running_var, bn_mean, bn_var, x.shape[0] * x.shape[2] * x.shape[3],
-                              bn_momentum)
+        batch_norm.update_running_stats(bn_running_mean, bn_running_var, bn_mean, bn_var, bn_count, bn_momentum)
     return y
-
-
-def _update_running_stats(running_mean, running_var, batch_mean, batch_var, count: int, momentum: float):
-    """As F.batch_norm in training: the running statistics (when tracked) move towards the batch's
-    mean and its variance with Bessel's correction (batch_var is the biased one)."""
-    if running_mean is None or running_var is None:
-        return
-    with torch.no_grad():
-        running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype), alpha=momentum)
-        running_var.mul_(1 - momentum).add_(batch_var.to(running_var.dtype) * (count / (count - 1)), alpha=momentum)
 
 
 _GC_WEIGHT_NAMES = ("fc1_weight", "fc1_bias", "ln_weight", "ln_bias", "fc2_weight", "fc2_bias")
@@ -462,7 +458,7 @@ def _check_paths(paths) -> List[Tensor]:
 
 
 def _selective_kernel_plan(paths, fc_reduce_weight, fc_select_weight, bn_running_mean, bn_running_var, bn_weight,
-                           bn_bias, bn_training, act):
+                           bn_bias, bn_training, bn_group, act):
     """(dispatch, act kernel name) for selective_kernel() with this configuration."""
     paths = _check_paths(paths)
     x = paths[0]
@@ -474,7 +470,8 @@ def _selective_kernel_plan(paths, fc_reduce_weight, fc_select_weight, bn_running
     tail = (1, 1) if fc_reduce_weight.dim() == 4 else ()
     _check_tensor("fc_reduce_weight", fc_reduce_weight, (A, C, *tail), x)
     _check_tensor("fc_select_weight", fc_select_weight, (P * C, A, *tail), x)
-    bn_reason = _batch_norm_reason(x, A, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, x.shape[0])
+    bn_reason = _batch_norm_reason(x, A, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, x.shape[0],
+                                   bn_group)
     act_name = _kernel_name(act, "act")
     reason = None
     if P > MAX_PATHS:
@@ -490,10 +487,10 @@ def _selective_kernel_plan(paths, fc_reduce_weight, fc_select_weight, bn_running
 
 def selective_kernel_dispatch(paths: Sequence[Tensor], fc_reduce_weight, fc_select_weight, bn_running_mean=None,
                               bn_running_var=None, bn_weight=None, bn_bias=None, *, bn_training: bool = False,
-                              act: Act = "relu") -> Dispatch:
+                              bn_group: str = "", act: Act = "relu") -> Dispatch:
     """Which backend selective_kernel() runs on these paths, and why others were passed over."""
     return _selective_kernel_plan(paths, fc_reduce_weight, fc_select_weight, bn_running_mean, bn_running_var,
-                                  bn_weight, bn_bias, bn_training, act)[0]
+                                  bn_weight, bn_bias, bn_training, bn_group, act)[0]
 
 
 def selective_kernel(
@@ -508,6 +505,7 @@ def selective_kernel(
     bn_training: bool = False,
     bn_momentum: float = 0.1,
     bn_eps: float = 1e-5,
+    bn_group: str = "",
     act: Act = "relu",
 ) -> Tensor:
     """Selective Kernel attention over the branch outputs `paths` (P tensors (N, C, H, W)), as
@@ -515,20 +513,20 @@ def selective_kernel(
     fc_select(act(BN(fc_reduce(mean_hw(sum of the paths))))), and the sum of the paths weighted
     by them. fc_reduce_weight is (A, C, 1, 1), fc_select_weight (P*C, A, 1, 1) (or the linear
     (A, C), (P*C, A)); the BN arguments are those of F.batch_norm, its running statistics updated
-    in training."""
+    in training; bn_group as cbam()'s."""
     choice, act_name = _selective_kernel_plan(paths, fc_reduce_weight, fc_select_weight, bn_running_mean,
-                                              bn_running_var, bn_weight, bn_bias, bn_training, act)
+                                              bn_running_var, bn_weight, bn_bias, bn_training, bn_group, act)
     if choice.backend == "reference":
         return reference.selective_kernel(
             paths, fc_reduce_weight, fc_select_weight, bn_running_mean, bn_running_var, bn_weight, bn_bias,
-            bn_training=bn_training, bn_momentum=bn_momentum, bn_eps=bn_eps, act=act,
+            bn_training=bn_training, bn_momentum=bn_momentum, bn_eps=bn_eps, bn_group=bn_group, act=act,
         )
-    y, _, bn_mean, bn_var = selective_kernel_forward(
+    y, _, bn_mean, bn_var, bn_count = selective_kernel_forward(
         list(paths), fc_reduce_weight, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_training, bn_eps,
-        fc_select_weight, act_name,
+        bn_group, fc_select_weight, act_name,
     )
     if bn_training:
-        _update_running_stats(bn_running_mean, bn_running_var, bn_mean, bn_var, paths[0].shape[0], bn_momentum)
+        batch_norm.update_running_stats(bn_running_mean, bn_running_var, bn_mean, bn_var, bn_count, bn_momentum)
     return y
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from . import functional as F
-from . import reference
+from . import batch_norm, reference
 from .activations import create_act_layer, kernel_activation_name
 from .backends import Dispatch
 from .ops.primitives import acc_dtype
@@ -449,7 +449,8 @@ class ConvBn(nn.Module):
 
 
 def _batch_norm_tensors(bn: nn.BatchNorm2d) -> dict:
-    """The statistics and affine parameters F.batch_norm gets from nn.BatchNorm2d.forward."""
+    """The statistics and affine parameters F.batch_norm gets from nn.BatchNorm2d.forward, and the
+    process group an nn.SyncBatchNorm synchronizes them over (attn_kernels.batch_norm)."""
     track = not bn.training or bn.track_running_stats
     return {
         "bn_running_mean": bn.running_mean if track else None,
@@ -457,6 +458,7 @@ def _batch_norm_tensors(bn: nn.BatchNorm2d) -> dict:
         "bn_weight": bn.weight,
         "bn_bias": bn.bias,
         "bn_training": bn.training or (bn.running_mean is None and bn.running_var is None),
+        "bn_group": batch_norm.group_name(bn),
     }
 
 
@@ -990,7 +992,15 @@ class FusedSelectiveKernelAttn(FusedModule):
             raise ValueError(f"x must be the stacked paths (B, {self.num_paths}, C, H, W), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
         pooled = torch.mean(x, (3, 4), dtype=acc_dtype(x.dtype)).sum(1).to(x.dtype)[..., None, None]
-        logits = self.fc_select(self.act(self.bn(self.fc_reduce(pooled))))
+        h = self.fc_reduce(pooled)
+        if isinstance(self.bn, nn.modules.batchnorm._BatchNorm):
+            # As self.bn(h), also for an nn.SyncBatchNorm on CPU tensors (attn_kernels.batch_norm).
+            a = _batch_norm_arguments(self.bn)
+            h = batch_norm.batch_norm(h, a["bn_running_mean"], a["bn_running_var"], a["bn_weight"], a["bn_bias"],
+                                      a["bn_training"], a["bn_momentum"], a["bn_eps"], a["bn_group"])
+        else:
+            h = self.bn(h)
+        logits = self.fc_select(self.act(h))
         B, PC = logits.shape[:2]
         return torch.softmax(logits.view(B, self.num_paths, PC // self.num_paths, 1, 1), dim=1)
 

@@ -391,12 +391,21 @@ def _traced_through(model: fx.GraphModule) -> Iterator[PatchEntry]:
             yield PatchEntry(path, _full_name(cls), "left alone", _TRACED_THROUGH)
 
 
+def _synchronized(m: nn.Module) -> str:
+    """Says which BatchNorms of a fused module are nn.SyncBatchNorm (attn_kernels.batch_norm)."""
+    names = [name for name, child in m.named_modules() if isinstance(child, nn.SyncBatchNorm)]
+    if not names:
+        return ""
+    return f"; synchronized BatchNorm ({', '.join(names)}): in training, the statistics of its process group"
+
+
 def patch_report(model: nn.Module) -> PatchReport:
     """Every attention module of `model`: patched, patchable, or left alone (and why). For a
     torch.fx.GraphModule, also those that tracing inlined into its graph."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    entries = [PatchEntry(name, _full_name(getattr(m, "_attn_kernels_original", type(m))), v.status, v.detail)
+    entries = [PatchEntry(name, _full_name(getattr(m, "_attn_kernels_original", type(m))), v.status,
+                          v.detail + _synchronized(m) if v.status != "left alone" else v.detail)
                for name, m, v in _walk(model)]
     if isinstance(model, fx.GraphModule):
         entries += _traced_through(model)

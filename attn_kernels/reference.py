@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .activations import ACTIVATIONS
+from .batch_norm import batch_norm
 
 Act = Union[str, Callable[[torch.Tensor], torch.Tensor]]
 
@@ -94,17 +95,20 @@ def cbam(
     bn_training: bool = False,
     bn_momentum: float = 0.1,
     bn_eps: float = 1e-5,
+    bn_group: str = "",
     pool: str = "avg+max",
     act: Act = "relu",
     gate: Act = "sigmoid",
 ) -> torch.Tensor:
     """timm.layers.cbam.CbamModule.forward (ChannelAttn then SpatialAttn); without fc1_weight,
-    SpatialAttn.forward alone. The BN updates its running statistics in training, as F.batch_norm."""
+    SpatialAttn.forward alone. The BN updates its running statistics in training, as F.batch_norm;
+    with bn_group, over the batches of that process group (attn_kernels.batch_norm)."""
     if fc1_weight is not None:
         x = channel_attn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool=pool, act=act, gate=gate)
     x_attn = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
     x_attn = F.conv2d(x_attn, conv_weight, padding=conv_weight.shape[-1] // 2)
-    x_attn = F.batch_norm(x_attn, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, bn_momentum, bn_eps)
+    x_attn = batch_norm(x_attn, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, bn_momentum, bn_eps,
+                        bn_group)
     return x * _as_callable(gate)(x_attn)
 
 
@@ -193,16 +197,18 @@ def selective_kernel(
     bn_training: bool = False,
     bn_momentum: float = 0.1,
     bn_eps: float = 1e-5,
+    bn_group: str = "",
     act: Act = "relu",
 ) -> torch.Tensor:
     """The attention part of timm.layers.SelectiveKernel.forward over its branch outputs: stack,
     SelectiveKernelAttn (sum, mean, fc_reduce, BN, act, fc_select, softmax over the paths), then
-    the weighted sum of the paths."""
+    the weighted sum of the paths. With bn_group, the BN's batch is that process group's."""
     x = torch.stack(list(paths), dim=1)
     B, P, C = x.shape[:3]
     attn = x.sum(1).mean((2, 3), keepdim=True)
     attn = F.conv2d(attn, _conv_weight(fc_reduce_weight))
-    attn = F.batch_norm(attn, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, bn_momentum, bn_eps)
+    attn = batch_norm(attn, bn_running_mean, bn_running_var, bn_weight, bn_bias, bn_training, bn_momentum, bn_eps,
+                      bn_group)
     attn = F.conv2d(_as_callable(act)(attn), _conv_weight(fc_select_weight))
     attn = torch.softmax(attn.view(B, P, C, 1, 1), dim=1)
     return torch.sum(x * attn, dim=1)

@@ -19,7 +19,7 @@ if ! python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; the
     specs_dir=$(mktemp -d)
     trap 'rm -rf "$specs_dir"' EXIT
     specs=$specs_dir/triton_specs.jsonl
-    workers=(-n auto)
+    workers=(-n auto --dist loadgroup)  # loadgroup: tests/test_distributed.py's group on one worker
 fi
 ATTN_KERNELS_TRITON_SPECS=$specs python -m pytest "${workers[@]}" "$@"
 

@@ -194,3 +194,42 @@ def check_empty_batch(module, channels):
         for name, p in module.named_parameters():
             assert torch.equal(p.grad, torch.zeros_like(p)), f"{backend}: {name}"
         module.zero_grad(set_to_none=True)
+
+
+def run_in_processes(worker, world_size: int, *args, timeout: float = 180.0) -> None:
+    """worker(rank, world_size, port, *args) in `world_size` spawned processes that can join a gloo
+    process group on localhost (a free port each time). Fails with the first traceback if one
+    raises, and kills them all and fails if they are not done after `timeout` seconds: a collective
+    that waits forever must fail a test, not hang it."""
+    import socket
+    import time
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.start_processes(worker, args=(world_size, port, *args), nprocs=world_size, join=False,
+                                 start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world_size} processes still running after {timeout:g} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+
+
+def init_process_group(rank: int, world_size: int, port: int) -> None:
+    """In a run_in_processes worker: join the gloo group on localhost, one torch thread per process."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # localhost only
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))

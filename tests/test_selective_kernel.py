@@ -154,13 +154,14 @@ def op_args(P=2, N=3, C=8, A=4):
 def test_opcheck(training):
     paths, (w1, bn_w, bn_b, rm, rv), w2 = op_args()
     args = ([p.requires_grad_() for p in paths], w1.requires_grad_(), bn_w.requires_grad_(), bn_b.requires_grad_(),
-            rm, rv, training, 1e-5, w2.requires_grad_(), "relu")
+            rm, rv, training, 1e-5, "", w2.requires_grad_(), "relu")
     torch.library.opcheck(selective_kernel_forward, args)
     plain = [p.detach() for p in paths]
-    _, s, bn_mean, bn_var = selective_kernel_forward(plain, w1.detach(), bn_w.detach(), bn_b.detach(), rm, rv, training,
-                                                     1e-5, w2.detach(), "relu")
+    _, s, *bn_stats = selective_kernel_forward(plain, w1.detach(), bn_w.detach(), bn_b.detach(), rm, rv, training,
+                                               1e-5, "", w2.detach(), "relu")
     torch.library.opcheck(selective_kernel_backward, (torch.randn_like(plain[0]), plain, w1.detach(), bn_w.detach(),
-                                                      bn_b.detach(), w2.detach(), s, bn_mean, bn_var, training, 1e-5, "relu"))
+                                                      bn_b.detach(), w2.detach(), s, *bn_stats, training, 1e-5, "",
+                                                      "relu"))
 
 
 def test_gradcheck_float64():

@@ -83,3 +83,20 @@ def test_train_example_runs_and_reports_throughput():
     )
     assert result.returncode == 0, result.stderr
     assert "8 patched" in result.stdout and "images/s over the last 2 steps" in result.stdout
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_train_example_under_torchrun(parallel):
+    """examples/train.py in 2 processes (torchrun --standalone: localhost, a free port), gloo on
+    CPU: rank 0 alone prints, images/s of both processes together."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(ROOT, "examples", "train.py"), "--model", "resnet18", "--block-attn", "cbam", "--patch",
+         "--image-size", "32", "--batch-size", "2", "--steps", "3", "--warmup", "1", "--device", "cpu", "--amp", "none",
+         *(["--fsdp"] if parallel == "fsdp" else [])],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("8 patched") == 1, result.stdout
+    assert f"2 processes ({'FSDP2' if parallel == 'fsdp' else 'DDP'})" in result.stdout
+    assert "images/s over the last 2 steps" in result.stdout and ", 2 processes)" in result.stdout

@@ -15,9 +15,11 @@ Backward (6|x|): spatial_grad_reduce (dy, x: d sa and the direct part of d ca) -
 Saved for backward: x and O(N*C + N*H*W) statistics. Max pooling gradients are shared equally
 by tied maxima, as torch.amax's.
 
-BatchNorm: in training the op normalizes with the batch statistics and returns them; the caller
-updates the running statistics (the op mutates nothing). In eval it normalizes with the running
-statistics it is given. The small spatial math runs in float32 (float64 for float64 x).
+BatchNorm: in training the op normalizes with the batch statistics and returns them with their
+count; the caller updates the running statistics (the op mutates nothing). With bn_group (a
+process group's name, attn_kernels.batch_norm) the batch is the whole group's: one all-reduce in
+forward, one in backward. In eval it normalizes with the running statistics it is given. The
+small spatial math runs in float32 (float64 for float64 x).
 """
 from typing import Optional, Tuple
 
@@ -28,6 +30,7 @@ from ..activations import ACTIVATIONS
 from .channel_gate import nan_where_max_is_nan, same_layout_as
 from .excite import excite, excite_backward
 from .primitives import acc_dtype, fused_op, primitives
+from .. import batch_norm
 
 def _conv_maps(smean, smax, shape, conv_weight):
     """(maps, z): the pooled maps [mean_c u, max_c u] as (N, 2, H, W) and their k x k conv."""
@@ -58,14 +61,16 @@ def cbam_forward(
     bn_running_var: Tensor,
     bn_training: bool,
     bn_eps: float,
+    bn_group: str,
     pool: str,
     act: str,
     gate: str,
     backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, cmean, cmax, smean, smax, sties, bn_mean, bn_var): the output, the channel
-    statistics (empty without the MLP), the spatial statistics (N, H*W), and the BN statistics
-    the op normalized with (the batch's in training, biased variance)."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, cmean, cmax, smean, smax, sties, bn_mean, bn_var, bn_count): the output, the
+    channel statistics (empty without the MLP), the spatial statistics (N, H*W), and the BN
+    statistics the op normalized with (the batch's in training, biased variance) with the number
+    of values they were taken over (float64)."""
     ops = primitives(backend, x.device)
     acc = acc_dtype(x.dtype)
     if fc1_weight is not None:
@@ -77,18 +82,20 @@ def cbam_forward(
     smean, smax, sties = ops.spatial_pool(x, ca)
     z = _conv_maps(smean, smax, x.shape, conv_weight)[1]
     if bn_training:
-        bn_mean, bn_var = z.mean().reshape(1), z.var(unbiased=False).reshape(1)
+        bn_count, bn_mean, bn_var = batch_norm.batch_moments(z, (0, 1, 2, 3), bn_group)
+        bn_mean, bn_var = bn_mean.reshape(1), bn_var.reshape(1)
     else:
         bn_mean, bn_var = bn_running_mean.to(acc).clone(), bn_running_var.to(acc).clone()
+        bn_count = z.new_full((1,), z.numel(), dtype=torch.float64)
     logits = _batch_norm(z, bn_mean, bn_var, bn_weight, bn_bias, bn_eps)[2]
-    sa = ACTIVATIONS[gate].forward(logits).reshape(x.shape[0], -1)
+    sa = ACTIVATIONS[gate].forward(logits).reshape(x.shape[0], x.shape[2] * x.shape[3])  # N may be 0
     y = ops.spatial_gate_apply(x, ca, sa, None, None, None, None, None, None, None)
-    return y, cmean, cmax, smean, smax, sties, bn_mean, bn_var
+    return y, cmean, cmax, smean, smax, sties, bn_mean, bn_var, bn_count
 
 
 @cbam_forward.register_fake
 def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias, bn_running_mean,
-      bn_running_var, bn_training, bn_eps, pool, act, gate, backend):
+      bn_running_var, bn_training, bn_eps, bn_group, pool, act, gate, backend):
     acc = acc_dtype(x.dtype)
     N, C, H, W = x.shape
     channel = (N, C) if fc1_weight is not None else (0,)
@@ -99,6 +106,7 @@ def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_
         *(x.new_empty((N, H * W), dtype=acc) for _ in range(3)),
         x.new_empty((1,), dtype=acc),
         x.new_empty((1,), dtype=acc),
+        x.new_empty((1,), dtype=torch.float64),
     )
 
 
@@ -120,8 +128,10 @@ def cbam_backward(
     sties: Tensor,
     bn_mean: Tensor,
     bn_var: Tensor,
+    bn_count: Tensor,
     bn_training: bool,
     bn_eps: float,
+    bn_group: str,
     pool: str,
     act: str,
     gate: str,
@@ -138,7 +148,7 @@ def cbam_backward(
     ca = e.gate if channel else None
     maps, z = _conv_maps(smean, smax, x.shape, conv_weight)
     invstd, normalized, logits = _batch_norm(z, bn_mean, bn_var, bn_weight, bn_bias, bn_eps)
-    sa = ACTIVATIONS[gate].forward(logits).reshape(N, -1)
+    sa = ACTIVATIONS[gate].forward(logits).reshape(N, H * W)
 
     # Pass 1: d sa, and the part of d ca that flows straight from y = u * sa.
     dsa, dca = ops.spatial_grad_reduce(dy, x, ca, sa)
@@ -147,7 +157,8 @@ def cbam_backward(
     dbn_weight = (dlogits * normalized).sum().reshape(1)
     dnormalized = dlogits * bn_weight.to(dlogits.dtype)
     if bn_training:  # the batch statistics depend on z too
-        dz = invstd * (dnormalized - dnormalized.mean() - normalized * (dnormalized * normalized).mean())
+        mean_d, mean_dn = batch_norm.grad_means(dnormalized, normalized, (0, 1, 2, 3), bn_count, bn_group)
+        dz = invstd * (dnormalized - mean_d - normalized * mean_dn)
     else:
         dz = dnormalized * invstd
     k = conv_weight.shape[-1]
@@ -156,8 +167,8 @@ def cbam_backward(
         [True, True, False],
     )
     # mean_c spreads its gradient over C channels; max_c over the tied maxima.
-    pmean = nan_where_max_is_nan((dmaps[:, 0] / C).reshape(N, -1), smax).contiguous()
-    pmax = (dmaps[:, 1].reshape(N, -1) / sties).contiguous()
+    pmean = nan_where_max_is_nan((dmaps[:, 0] / C).reshape(N, H * W), smax).contiguous()
+    pmax = (dmaps[:, 1].reshape(N, H * W) / sties).contiguous()
 
     if channel:
         # Pass 2: the part of d ca that flows through the spatial pooling of u, and the channel ties.
@@ -184,7 +195,7 @@ def cbam_backward(
 
 @cbam_backward.register_fake
 def _(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias, cmean, cmax,
-      smean, smax, sties, bn_mean, bn_var, bn_training, bn_eps, pool, act, gate, backend):
+      smean, smax, sties, bn_mean, bn_var, bn_count, bn_training, bn_eps, bn_group, pool, act, gate, backend):
     if fc1_weight is not None:
         dmlp = (
             torch.empty_like(fc1_weight),
@@ -200,12 +211,12 @@ def _(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight,
 
 def _setup_context(ctx, inputs, output):
     (x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias, _, _,
-     bn_training, bn_eps, pool, act, gate, backend) = inputs
-    _, cmean, cmax, smean, smax, sties, bn_mean, bn_var = output
-    ctx.mark_non_differentiable(cmean, cmax, smean, smax, sties, bn_mean, bn_var)
+     bn_training, bn_eps, bn_group, pool, act, gate, backend) = inputs
+    _, cmean, cmax, smean, smax, sties, bn_mean, bn_var, bn_count = output
+    ctx.mark_non_differentiable(cmean, cmax, smean, smax, sties, bn_mean, bn_var, bn_count)
     ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, conv_weight, bn_weight, bn_bias,
-                          cmean, cmax, smean, smax, sties, bn_mean, bn_var)
-    ctx.config = (bn_training, bn_eps, pool, act, gate, backend)
+                          cmean, cmax, smean, smax, sties, bn_mean, bn_var, bn_count)
+    ctx.config = (bn_training, bn_eps, bn_group, pool, act, gate, backend)
 
 
 def _backward(ctx, dy, *_):
@@ -222,7 +233,7 @@ def _backward(ctx, dy, *_):
         dconv,
         dbn_weight,
         dbn_bias,
-        None, None, None, None, None, None, None, None,
+        None, None, None, None, None, None, None, None, None,
     )
 
 

@@ -13,8 +13,10 @@ Backward: path_grad_reduce (reads dy and the paths: d attn) -> the small math ba
 Saved for backward: the paths (which the branches' activations keep alive anyway) and O(N*C)
 statistics; timm also keeps the stacked copy of the paths.
 
-BatchNorm: in training the op normalizes with the batch statistics and returns them; the caller
-updates the running statistics. In eval it normalizes with the running statistics it is given.
+BatchNorm: in training the op normalizes with the batch statistics and returns them with their
+count; the caller updates the running statistics. With bn_group (a process group's name,
+attn_kernels.batch_norm) the batch is the whole group's: one all-reduce in forward, one in
+backward. In eval it normalizes with the running statistics it is given.
 The small math runs in float32 (float64 for float64 paths); the kernels are Triton's.
 """
 from typing import List, Optional, Tuple
@@ -26,6 +28,7 @@ from ..activations import ACTIVATIONS
 from .channel_gate import same_layout_as
 from .excite import linear
 from .primitives import acc_dtype, fused_op, primitives
+from .. import batch_norm
 
 
 class _Attention:
@@ -40,11 +43,6 @@ class _Attention:
         self.hidden = ACTIVATIONS[act].forward(self.bn_out)
         logits = linear(self.hidden, fc_select_weight, None)
         self.attn = torch.softmax(logits.view(s.shape[0], paths, s.shape[1]), dim=1)
-
-
-def _batch_statistics(s: Tensor, fc_reduce_weight: Tensor) -> Tuple[Tensor, Tensor]:
-    h = linear(s, fc_reduce_weight, None)
-    return h.mean(0), h.var(0, unbiased=False)
 
 
 def _pooled(paths: List[Tensor]) -> Tensor:
@@ -62,29 +60,32 @@ def selective_kernel_forward(
     bn_running_var: Optional[Tensor],
     bn_training: bool,
     bn_eps: float,
+    bn_group: str,
     fc_select_weight: Tensor,
     act: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (y, s, bn_mean, bn_var): the output, the pooled (N, C) vector, and the BN statistics
-    the op normalized with (the batch's in training, biased variance)."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, s, bn_mean, bn_var, bn_count): the output, the pooled (N, C) vector, and the BN
+    statistics the op normalized with (the batch's in training, biased variance) with the number
+    of values they were taken over (float64)."""
     s = _pooled(paths)
     if bn_training:
-        bn_mean, bn_var = _batch_statistics(s, fc_reduce_weight)
+        bn_count, bn_mean, bn_var = batch_norm.batch_moments(linear(s, fc_reduce_weight, None), (0,), bn_group)
     else:
         bn_mean, bn_var = bn_running_mean.to(s.dtype).clone(), bn_running_var.to(s.dtype).clone()
+        bn_count = s.new_full((1,), s.shape[0], dtype=torch.float64)
     a = _Attention(s, fc_reduce_weight, bn_weight, bn_bias, bn_mean, bn_var, bn_eps, fc_select_weight, act, len(paths))
     y = primitives("triton").path_mix(paths, a.attn.transpose(0, 1).contiguous())
-    return y, s, bn_mean, bn_var
+    return y, s, bn_mean, bn_var, bn_count
 
 
 @selective_kernel_forward.register_fake
 def _(paths, fc_reduce_weight, bn_weight, bn_bias, bn_running_mean, bn_running_var, bn_training, bn_eps,
-      fc_select_weight, act):
+      bn_group, fc_select_weight, act):
     x = paths[0]
     acc = acc_dtype(x.dtype)
     A = fc_reduce_weight.shape[0]
     return (torch.empty_like(x), x.new_empty(x.shape[:2], dtype=acc), x.new_empty((A,), dtype=acc),
-            x.new_empty((A,), dtype=acc))
+            x.new_empty((A,), dtype=acc), x.new_empty((1,), dtype=torch.float64))
 
 
 @fused_op("attn_kernels::selective_kernel_backward")
@@ -98,8 +99,10 @@ def selective_kernel_backward(
     s: Tensor,
     bn_mean: Tensor,
     bn_var: Tensor,
+    bn_count: Tensor,
     bn_training: bool,
     bn_eps: float,
+    bn_group: str,
     act: str,
 ) -> Tuple[List[Tensor], Tensor, Tensor, Tensor, Tensor]:
     """Returns (dpaths, d fc_reduce_weight, d bn_weight, d bn_bias, d fc_select_weight)."""
@@ -114,7 +117,8 @@ def selective_kernel_backward(
     dbn_weight, dbn_bias = (dbn_out * a.normalized).sum(0), dbn_out.sum(0)
     dnormalized = dbn_out * bn_weight.to(s.dtype)
     if bn_training:  # the batch statistics depend on h too
-        dh = a.invstd * (dnormalized - dnormalized.mean(0) - a.normalized * (dnormalized * a.normalized).mean(0))
+        mean_d, mean_dn = batch_norm.grad_means(dnormalized, a.normalized, (0,), bn_count, bn_group)
+        dh = a.invstd * (dnormalized - mean_d - a.normalized * mean_dn)
     else:
         dh = dnormalized * a.invstd
     w_reduce = fc_reduce_weight.reshape(fc_reduce_weight.shape[0], -1).to(s.dtype)
@@ -131,28 +135,28 @@ def selective_kernel_backward(
 
 
 @selective_kernel_backward.register_fake
-def _(dy, paths, fc_reduce_weight, bn_weight, bn_bias, fc_select_weight, s, bn_mean, bn_var, bn_training, bn_eps, act):
+def _(dy, paths, fc_reduce_weight, bn_weight, bn_bias, fc_select_weight, s, bn_mean, bn_var, bn_count, bn_training,
+      bn_eps, bn_group, act):
     return ([torch.empty_like(dy) for _ in paths], torch.empty_like(fc_reduce_weight), torch.empty_like(bn_weight),
             torch.empty_like(bn_bias), torch.empty_like(fc_select_weight))
 
 
 def _setup_context(ctx, inputs, output):
-    (paths, fc_reduce_weight, bn_weight, bn_bias, _, _, bn_training, bn_eps, fc_select_weight, act) = inputs
-    _, s, bn_mean, bn_var = output
-    ctx.mark_non_differentiable(s, bn_mean, bn_var)
-    ctx.save_for_backward(*paths, fc_reduce_weight, bn_weight, bn_bias, fc_select_weight, s, bn_mean, bn_var)
+    (paths, fc_reduce_weight, bn_weight, bn_bias, _, _, bn_training, bn_eps, bn_group, fc_select_weight, act) = inputs
+    _, s, bn_mean, bn_var, bn_count = output
+    ctx.mark_non_differentiable(s, bn_mean, bn_var, bn_count)
+    ctx.save_for_backward(*paths, fc_reduce_weight, bn_weight, bn_bias, fc_select_weight, s, bn_mean, bn_var, bn_count)
     ctx.paths = len(paths)
-    ctx.config = (bn_training, bn_eps, act)
+    ctx.config = (bn_training, bn_eps, bn_group, act)
 
 
 def _backward(ctx, dy, *_):
     saved = ctx.saved_tensors
     paths, rest = list(saved[:ctx.paths]), saved[ctx.paths:]
-    bn_training, bn_eps, act = ctx.config
     dpaths, dreduce, dbn_weight, dbn_bias, dselect = selective_kernel_backward(
-        same_layout_as(dy, paths[0]), paths, *rest, bn_training, bn_eps, act
+        same_layout_as(dy, paths[0]), paths, *rest, *ctx.config
     )
-    return dpaths, dreduce, dbn_weight, dbn_bias, None, None, None, None, dselect, None
+    return dpaths, dreduce, dbn_weight, dbn_bias, None, None, None, None, None, dselect, None
 
 
 selective_kernel_forward.register_autograd(_backward, setup_context=_setup_context)
