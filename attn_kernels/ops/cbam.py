@@ -26,11 +26,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import batch_norm
 from ..activations import ACTIVATIONS
 from .channel_gate import nan_where_max_is_nan, same_layout_as
 from .excite import excite, excite_backward
 from .primitives import acc_dtype, fused_op, primitives
-from .. import batch_norm
+
 
 def _conv_maps(smean, smax, shape, conv_weight):
     """(maps, z): the pooled maps [mean_c u, max_c u] as (N, 2, H, W) and their k x k conv."""

@@ -24,11 +24,11 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import batch_norm
 from ..activations import ACTIVATIONS
 from .channel_gate import same_layout_as
 from .excite import linear
 from .primitives import acc_dtype, fused_op, primitives
-from .. import batch_norm
 
 
 class _Attention:
