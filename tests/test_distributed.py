@@ -178,7 +178,7 @@ IMAGE = (4, 3, 16, 16)  # the whole batch; each of the WORLD processes takes an 
 DDP_VARIANTS = ("plain", "static_graph", "small_buckets", "no_sync")
 DDP_CASES = [("fused", torch.float64, "reference", v) for v in DDP_VARIANTS] + [
     ("timm_cbam", torch.float64, "reference", "plain")] + [
-    ("fused", torch.float32, backend, "plain") for backend in ("triton", "cuda")] + [
+    (model, torch.float32, backend, "plain") for model in ("fused", "timm_cbam") for backend in ("triton", "cuda")] + [
     ("fused", torch.float32, "cuda", "compile")]  # DDP(torch.compile(model, fullgraph=True))
 
 
