@@ -19,6 +19,7 @@ Every process of the group calls these in the same order, also one with an empty
 0), which contributes zeros. The ops of attn_kernels.ops take the group by name (a string fits
 an op schema): `group_name(bn)` gives it, '' meaning no synchronization.
 """
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -47,8 +48,8 @@ def batch_moments(z: Tensor, dims: Sequence[int], name: str) -> Tuple[Tensor, Te
     """(count, mean, biased variance) of z over `dims`, one mean and variance per remaining
     channel, over the batches of the whole group `name` ('' for z's alone). count is a float64
     (1,) tensor; mean and variance are in z's dtype."""
-    channels = z[tuple(slice(0, 1) if d in dims else slice(None) for d in range(z.dim()))].numel()
-    count = z.new_full((1,), z.numel() // max(channels, 1), dtype=torch.float64)
+    shape = [size for d, size in enumerate(z.shape) if d not in dims]  # one value per channel
+    count = z.new_full((1,), z.numel() // max(math.prod(shape), 1), dtype=torch.float64)
     if not name:
         return count, z.mean(dims), z.var(dims, unbiased=False)
     z64 = z.double()
@@ -57,19 +58,22 @@ def batch_moments(z: Tensor, dims: Sequence[int], name: str) -> Tuple[Tensor, Te
     mean = sums[0] / count
     # Sums of float64 squares: their cancellation stays far below z's own precision (float32 at most).
     var = (sums[1] / count - mean * mean).clamp_min(0)
-    shape = z.mean(dims).shape
     return count, mean.view(shape).to(z.dtype), var.view(shape).to(z.dtype)
 
 
-def grad_means(dnormalized: Tensor, normalized: Tensor, dims: Sequence[int], count: Tensor,
-               name: str) -> Tuple[Tensor, Tensor]:
-    """The means over the group's batch of dnormalized and of dnormalized * normalized, per
-    channel (dims kept): the two terms of BatchNorm's gradient through its batch statistics."""
+def training_input_grad(dnormalized: Tensor, normalized: Tensor, invstd: Tensor, dims: Sequence[int], count: Tensor,
+                        name: str) -> Tensor:
+    """BatchNorm's input gradient in training, where the batch statistics depend on the input too:
+    invstd * (dnormalized - mean(dnormalized) - normalized * mean(dnormalized * normalized)), the
+    means per channel over `dims` and over the group's batch (invstd broadcast against them)."""
     if not name:
-        return dnormalized.mean(dims, keepdim=True), (dnormalized * normalized).mean(dims, keepdim=True)
-    first, second = dnormalized.sum(dims, keepdim=True), (dnormalized * normalized).sum(dims, keepdim=True)
-    sums = _all_reduce(torch.cat((first.double().flatten(), second.double().flatten())), name) / count
-    return sums[: first.numel()].view(first.shape).to(first.dtype), sums[first.numel():].view(first.shape).to(first.dtype)
+        mean_d, mean_dn = dnormalized.mean(dims, keepdim=True), (dnormalized * normalized).mean(dims, keepdim=True)
+    else:
+        first, second = dnormalized.sum(dims, keepdim=True), (dnormalized * normalized).sum(dims, keepdim=True)
+        sums = _all_reduce(torch.cat((first.double().flatten(), second.double().flatten())), name) / count
+        mean_d = sums[: first.numel()].view(first.shape).to(first.dtype)
+        mean_dn = sums[first.numel():].view(first.shape).to(first.dtype)
+    return invstd * (dnormalized - mean_d - normalized * mean_dn)
 
 
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor], batch_mean: Tensor,
@@ -104,8 +108,7 @@ class _SyncedBatchNorm(torch.autograd.Function):
         dims = (0, 2, 3)
         dweight, dbias = (dy * normalized).sum(dims), dy.sum(dims)
         dnormalized = dy * weight[:, None, None]
-        mean_d, mean_dn = grad_means(dnormalized, normalized, dims, count, ctx.name)
-        dx = invstd[:, None, None] * (dnormalized - mean_d - normalized * mean_dn)
+        dx = training_input_grad(dnormalized, normalized, invstd[:, None, None], dims, count, ctx.name)
         return dx, dweight, dbias, None, None
 
 

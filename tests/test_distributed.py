@@ -16,6 +16,7 @@ from torch import nn
 
 import attn_kernels
 from attn_kernels import batch_norm
+from conftest import require_cpu_backend
 from helpers import init_process_group, make_x, randomized, run_in_processes
 
 # One pytest-xdist worker runs them all (scripts/test.sh: --dist loadgroup), so the module's
@@ -103,12 +104,17 @@ def sync_bn_worker(rank, world_size, port, out_dir, cases):
     dist.destroy_process_group()
 
 
+def results_of(worker, out_dir, *args):
+    """Runs worker(rank, world_size, port, out_dir, *args) in WORLD processes, each saving its
+    results to out_dir/rank<rank>.pt; returns them, rank by rank."""
+    run_in_processes(worker, WORLD, out_dir, *args)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
 @pytest.fixture(scope="module")
 def sync_bn_results(tmp_path_factory):
     """Every case run once in WORLD processes (spawning them costs seconds): rank -> case -> results."""
-    out_dir = str(tmp_path_factory.mktemp("sync_bn"))
-    run_in_processes(sync_bn_worker, WORLD, out_dir, CASES)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    return results_of(sync_bn_worker, str(tmp_path_factory.mktemp("sync_bn")), CASES)
 
 
 @pytest.mark.parametrize("block, backend, split", CASES, ids=lambda v: str(v))
@@ -117,8 +123,6 @@ def test_sync_batch_norm_matches_the_whole_batch(sync_bn_results, block, backend
     statistics and num_batches_tracked equal those of one process with the whole batch and a plain
     BatchNorm2d, in float64."""
     if backend != "reference":
-        from conftest import require_cpu_backend
-
         require_cpu_backend(backend)
     module, _ = make_block(block)
     x, dy = make_x(SHAPE, torch.float64, kind="relu"), make_x(SHAPE, torch.float64, seed=1)
@@ -249,9 +253,7 @@ def ddp_worker(rank, world_size, port, out_dir, cases):
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("ddp"))
-    run_in_processes(ddp_worker, WORLD, out_dir, DDP_CASES)
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    return results_of(ddp_worker, str(tmp_path_factory.mktemp("ddp")), DDP_CASES)
 
 
 @pytest.mark.parametrize("model_name, dtype, backend, variant", DDP_CASES, ids=lambda v: str(v))
@@ -261,8 +263,6 @@ def test_ddp_step_matches_one_process(ddp_results, model_name, dtype, backend, v
     float64 rounding, and in float32 to the rounding of the different summation order (shares
     first) that data parallelism implies."""
     if backend != "reference":
-        from conftest import require_cpu_backend
-
         require_cpu_backend(backend)
     micro = [batch(dtype, i) for i in range(2 if variant == "no_sync" else 1)]
     # The whole batch's loss is the mean of the shares' means: accumulate over them as DDP does.
@@ -327,11 +327,9 @@ def fsdp_worker(rank, world_size, port, out_dir, model_name):
 def test_fsdp2_step_and_state_dict_round_trips(tmp_path, model_name):
     """The parameters after a sharded step, and after loading them into freshly sharded models from
     the sharded and from the full state_dict, equal one process's step on the whole batch."""
-    out_dir = str(tmp_path)
-    run_in_processes(fsdp_worker, WORLD, out_dir, model_name)
+    results = results_of(fsdp_worker, str(tmp_path), model_name)
     _, want = train_step(make_model(model_name, torch.float64), "reference", [batch(torch.float64)])
-    for rank in range(WORLD):
-        result = torch.load(os.path.join(out_dir, f"rank{rank}.pt"))
+    for rank, result in enumerate(results):
         for key in ("stepped", "from_sharded", "from_full"):
             got = {name: t for name, t in result[key].items() if name in want}
             assert got.keys() == want.keys(), key

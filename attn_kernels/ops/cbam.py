@@ -158,8 +158,7 @@ def cbam_backward(
     dbn_weight = (dlogits * normalized).sum().reshape(1)
     dnormalized = dlogits * bn_weight.to(dlogits.dtype)
     if bn_training:  # the batch statistics depend on z too
-        mean_d, mean_dn = batch_norm.grad_means(dnormalized, normalized, (0, 1, 2, 3), bn_count, bn_group)
-        dz = invstd * (dnormalized - mean_d - normalized * mean_dn)
+        dz = batch_norm.training_input_grad(dnormalized, normalized, invstd, (0, 1, 2, 3), bn_count, bn_group)
     else:
         dz = dnormalized * invstd
     k = conv_weight.shape[-1]

@@ -117,8 +117,7 @@ def selective_kernel_backward(
     dbn_weight, dbn_bias = (dbn_out * a.normalized).sum(0), dbn_out.sum(0)
     dnormalized = dbn_out * bn_weight.to(s.dtype)
     if bn_training:  # the batch statistics depend on h too
-        mean_d, mean_dn = batch_norm.grad_means(dnormalized, a.normalized, (0,), bn_count, bn_group)
-        dh = a.invstd * (dnormalized - mean_d - a.normalized * mean_dn)
+        dh = batch_norm.training_input_grad(dnormalized, a.normalized, a.invstd, (0,), bn_count, bn_group)
     else:
         dh = dnormalized * a.invstd
     w_reduce = fc_reduce_weight.reshape(fc_reduce_weight.shape[0], -1).to(s.dtype)
