@@ -123,3 +123,27 @@ def batch_norm(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[
     y, mean, var, count = _SyncedBatchNorm.apply(x, weight, bias, eps, group)
     update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
+
+
+def module_tensors(bn: nn.BatchNorm2d) -> dict:
+    """The statistics and affine parameters F.batch_norm gets from nn.BatchNorm2d.forward, and the
+    process group an nn.SyncBatchNorm synchronizes them over (attn_kernels.batch_norm)."""
+    track = not bn.training or bn.track_running_stats
+    return {
+        "bn_running_mean": bn.running_mean if track else None,
+        "bn_running_var": bn.running_var if track else None,
+        "bn_weight": bn.weight,
+        "bn_bias": bn.bias,
+        "bn_training": bn.training or (bn.running_mean is None and bn.running_var is None),
+        "bn_group": group_name(bn),
+    }
+
+
+def module_arguments(bn: nn.BatchNorm2d) -> dict:
+    """All of F.batch_norm's arguments for this batch, counting it as nn.BatchNorm2d.forward does."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return {**module_tensors(bn), "bn_momentum": momentum, "bn_eps": bn.eps}

@@ -34,6 +34,7 @@ from typing import Callable, Dict, Iterator, NamedTuple, Optional, Tuple
 from torch import fx, nn
 
 from . import nn as fused_nn
+from .nn import cbam as fused_cbam
 from .activations import kernel_activation_name
 from .functional import _no_formula
 from .ops.primitives import MAX_PATHS
@@ -231,8 +232,8 @@ class _StructuralRule(NamedTuple):
 
 _BY_NAME: Dict[str, _StructuralRule] = {
     "CBAM": _StructuralRule(fused_nn.FusedCBAMOfficial, _cbam_mismatch, "the CBAM paper's code"),
-    "ChannelGate": _StructuralRule(fused_nn._OfficialChannelGate, _channel_gate_mismatch, "the CBAM paper's code"),
-    "SpatialGate": _StructuralRule(fused_nn._OfficialSpatialGate, _spatial_gate_mismatch, "the CBAM paper's code"),
+    "ChannelGate": _StructuralRule(fused_cbam._OfficialChannelGate, _channel_gate_mismatch, "the CBAM paper's code"),
+    "SpatialGate": _StructuralRule(fused_cbam._OfficialSpatialGate, _spatial_gate_mismatch, "the CBAM paper's code"),
     "eca_layer": _StructuralRule(fused_nn.FusedECAOfficial, _eca_layer_mismatch, "the ECA-Net paper's code"),
     "ContextBlock": _StructuralRule(fused_nn.FusedContextBlock, _context_block_mismatch, "mmcv"),
     "NonLocal2d": _StructuralRule(fused_nn.FusedNonLocal2d, _non_local_mismatch, "mmcv"),
