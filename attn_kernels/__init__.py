@@ -8,6 +8,7 @@
     sk = attn_kernels.FusedSelectiveKernel(256)  # drop-in for timm.layers.SelectiveKernel
     nl = attn_kernels.FusedNonLocalAttn(256)     # drop-in for timm.layers.NonLocalAttn (SDPA inside)
     sam = attn_kernels.FusedSAM(256)             # YOLOv4's SAM: x * sigmoid(conv(x))
+    scse = attn_kernels.FusedSCSE(256)           # drop-in for segmentation_models_pytorch's SCSEModule
     loss = attn_kernels.at_loss(f_student, f_teacher)   # attention transfer
     with attn_kernels.use_backend("triton"):     # 'auto' (default), 'cuda', 'triton', 'reference'
         y = se(x)
@@ -20,7 +21,7 @@ from .functional import at_loss, at_map
 from .nn import (
     FusedCBAM, FusedCBAMOfficial, FusedCECA, FusedChannelAttn, FusedContextBlock, FusedECA, FusedECAOfficial,
     FusedEffectiveSE, FusedGC, FusedLightCBAM, FusedLightChannelAttn, FusedLightSpatialAttn, FusedNonLocal2d,
-    FusedNonLocalAttn, FusedResidualAttention, FusedSAM, FusedSE, FusedSelectiveKernel, FusedSelectiveKernelAttn,
+    FusedNonLocalAttn, FusedResidualAttention, FusedSAM, FusedSCSE, FusedSE, FusedSelectiveKernel, FusedSelectiveKernelAttn,
     FusedSpatialAttn, FusedSqueezeExcitation, FusedSqueezeExcite,
 )
 from .patch import PatchReport, patch, patch_report, unpatch
@@ -29,7 +30,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS", "Dispatch", "FusedCBAM", "FusedCBAMOfficial", "FusedCECA", "FusedChannelAttn", "FusedContextBlock",
     "FusedECA", "FusedECAOfficial", "FusedEffectiveSE", "FusedGC", "FusedLightCBAM", "FusedLightChannelAttn",
-    "FusedLightSpatialAttn", "FusedNonLocal2d", "FusedNonLocalAttn", "FusedResidualAttention", "FusedSAM", "FusedSE",
+    "FusedLightSpatialAttn", "FusedNonLocal2d", "FusedNonLocalAttn", "FusedResidualAttention", "FusedSAM", "FusedSCSE",
+    "FusedSE",
     "FusedSelectiveKernel", "FusedSelectiveKernelAttn", "FusedSpatialAttn", "FusedSqueezeExcitation",
     "FusedSqueezeExcite", "PatchReport", "at_loss", "at_map", "functional", "get_backend", "patch", "patch_report", "reference", "set_backend", "unpatch",
     "use_backend",

@@ -12,19 +12,23 @@ from . import batch_norm, reference
 from .activations import ACTIVATIONS, kernel_activation_name
 from .backends import KERNEL_BACKENDS, Dispatch, dispatch, get_backend
 from .ops.cbam import cbam_forward
+from .ops.deform_conv import deform_conv2d_forward
 from .ops.channel_gate import channel_gate_forward
 from .ops.excite import POOLS
 from .ops.attention_transfer import channel_power_mean
 from .ops.gc import gc_forward
 from .ops.primitives import ATTENTION_POOL_MAX_CHANNELS, MAX_PATHS, acc_dtype
+from .ops.scse import scse_forward
 from .ops.selective_kernel import selective_kernel_forward
 from .ops.sigmoid_gate import is_spatial, sigmoid_gate_forward
 
 Act = Union[str, Callable[[Tensor], Tensor]]
 
 __all__ = [
-    "at_loss", "at_map", "at_map_dispatch", "cbam", "cbam_dispatch", "channel_attn", "eca", "eca_dispatch",
-    "gate_dispatch", "gc", "gc_dispatch", "non_local", "non_local_dispatch", "residual_attention", "sam", "se",
+    "at_loss", "at_map", "at_map_dispatch", "cbam", "cbam_dispatch", "channel_attn", "deform_conv2d",
+    "deform_conv2d_dispatch", "eca", "eca_dispatch",
+    "gate_dispatch", "gc", "gc_dispatch", "non_local", "non_local_dispatch", "residual_attention", "sam", "scse",
+    "scse_dispatch", "se",
     "selective_kernel", "selective_kernel_dispatch", "sigmoid_gate", "sigmoid_gate_dispatch",
 ]
 
@@ -182,6 +186,44 @@ def channel_attn(
     return channel_gate_forward(
         x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, "mlp", act_name, gate_name, choice.backend
     )[0]
+
+
+def _check_scse(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, sse_weight, sse_bias):
+    _check_mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    _check_tensor("sse_weight", sse_weight, (1, x.shape[1], 1, 1), x)
+    _check_tensor("sse_bias", sse_bias, (1,), x, optional=True)
+
+
+def _scse_plan(x: Tensor) -> Dispatch:
+    reason = None
+    if x.shape[1] > ATTENTION_POOL_MAX_CHANNELS:
+        reason = (f"x has {x.shape[1]} channels; the scSE kernels take a pixel's channels in one program "
+                  f"and take at most {ATTENTION_POOL_MAX_CHANNELS}")
+    return dispatch(x, reason)
+
+
+def scse_dispatch(x: Tensor) -> Dispatch:
+    """Which backend scse() runs on x, and why others were passed over."""
+    return _scse_plan(x)
+
+
+def scse(
+    x: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    sse_weight: Tensor,
+    sse_bias: Optional[Tensor],
+) -> Tensor:
+    """Concurrent spatial and channel squeeze-and-excitation, as segmentation_models_pytorch's
+    SCSEModule: x * sigmoid(fc2(relu(fc1(mean_hw(x))))) + x * sigmoid(sse(x)), sse a 1x1 conv
+    from C channels to 1. fc weights as in `se` (1x1-conv or linear); sse_weight (1, C, 1, 1)."""
+    _check_scse(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, sse_weight, sse_bias)
+    choice = _scse_plan(x)
+    if choice.backend == "reference":
+        return reference.scse(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, sse_weight, sse_bias)
+    return scse_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, sse_weight, sse_bias, choice.backend)[0]
 
 
 def _check_eca(x, conv_weight, conv_bias, conv2_weight, conv2_bias, circular):
@@ -676,3 +718,82 @@ def at_loss(student: Tensor, teacher: Tensor, p: float = 2) -> Tensor:
         raise ValueError(f"student is on {student.device} but teacher is on {teacher.device}")
     student, teacher = reference.aligned(student, teacher.detach())
     return (_at_map(student, p) - _at_map(teacher, p)).pow(2).mean().to(student.dtype)
+
+
+def _int_pair(name: str, value, minimum: int) -> tuple:
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+                                                 for v in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
+    return pair
+
+
+def _check_deform_tensor(name: str, t, shape: tuple, input: Tensor, optional: bool = False):
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if t.dtype != input.dtype:
+        raise TypeError(f"{name} must have input's dtype {input.dtype}, got {t.dtype}")
+    if t.device != input.device:
+        raise ValueError(f"{name} is on {t.device} but input is on {input.device}; they must be on the same device")
+
+
+def _deform_conv2d_plan(input, offset, weight, bias, stride, padding, dilation, mask):
+    """(dispatch, stride, padding, dilation) for deform_conv2d(), after torchvision's argument checks
+    (each naming its argument)."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input must be a tensor, got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got dtype {input.dtype}")
+    stride, padding, dilation = (_int_pair("stride", stride, 1), _int_pair("padding", padding, 0),
+                                 _int_pair("dilation", dilation, 1))
+    N, C, H, W = input.shape
+    if not isinstance(weight, Tensor) or weight.dim() != 4 or min(weight.shape, default=0) < 1:
+        raise ValueError(f"weight must be a non-empty 4-D tensor (out_channels, in_channels // groups, kh, kw), "
+                         f"got {_shape_of(weight)}")
+    O, Cg, kh, kw = weight.shape
+    if C % Cg or O % (C // Cg):
+        raise ValueError(f"weight must have a divisor of input's {C} channels as shape[1] (in_channels // groups), "
+                         f"and out_channels divisible by the groups; got {tuple(weight.shape)}")
+    _check_deform_tensor("weight", weight, tuple(weight.shape), input)
+    Hout = (H + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // stride[0] + 1
+    Wout = (W + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // stride[1] + 1
+    if Hout < 1 or Wout < 1:
+        raise ValueError(f"input of spatial size {(H, W)} is too small for a {kh}x{kw} kernel with padding {padding} "
+                         f"and dilation {dilation}: the output would be {Hout}x{Wout}")
+    if not isinstance(offset, Tensor):
+        raise TypeError(f"offset must be a tensor, got {type(offset).__name__}")
+    if offset.dim() != 4:
+        raise ValueError(f"offset must be 4-D (N, 2 * offset_groups * kh * kw, Hout, Wout), got shape {tuple(offset.shape)}")
+    D = offset.shape[1] // (2 * kh * kw)
+    if D < 1 or offset.shape[1] != 2 * D * kh * kw or C % D:
+        raise ValueError(f"offset.shape[1] must be 2 * offset_groups * kh * kw = {2 * kh * kw} * offset_groups with "
+                         f"offset_groups dividing input's {C} channels, got {offset.shape[1]}")
+    _check_deform_tensor("offset", offset, (N, 2 * D * kh * kw, Hout, Wout), input)
+    _check_deform_tensor("mask", mask, (N, D * kh * kw, Hout, Wout), input, optional=True)
+    _check_deform_tensor("bias", bias, (O,), input, optional=True)
+    return dispatch(input, None, TRITON_ONLY), stride, padding, dilation
+
+
+def deform_conv2d_dispatch(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1,
+                           padding=0, dilation=1, mask: Optional[Tensor] = None) -> Dispatch:
+    """Which backend deform_conv2d() runs on these arguments, and why others were passed over."""
+    return _deform_conv2d_plan(input, offset, weight, bias, stride, padding, dilation, mask)[0]
+
+
+def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+                  dilation=1, mask: Optional[Tensor] = None) -> Tensor:
+    """torchvision.ops.deform_conv2d (modulated deformable convolution, DCNv2; DCNv1 without mask),
+    its arguments and results, as implicit GEMMs that sample the input on chip: no im2col buffer
+    (attn_kernels/ops/deform_conv.py). groups come from weight.shape[1], offset groups from
+    offset.shape[1] // (2 * kh * kw)."""
+    choice, stride, padding, dilation = _deform_conv2d_plan(input, offset, weight, bias, stride, padding, dilation,
+                                                            mask)
+    if choice.backend == "reference":
+        return reference.deform_conv2d(input, offset, weight, bias, stride, padding, dilation, mask)
+    return deform_conv2d_forward(input, weight, offset, mask, bias, list(stride), list(padding), list(dilation))

@@ -17,12 +17,13 @@ torch.fx inlines an unpatched module into its graph, where patch() cannot reach 
 Recognized, by class (that class, or a subclass that keeps its forward):
     timm SEModule, EffectiveSEModule, SqueezeExcite (EfficientNet, MobileNet), EcaModule,
     CecaModule, CbamModule, LightCbamModule and their ChannelAttn / SpatialAttn halves, GlobalContext,
-    SelectiveKernel, SelectiveKernelAttn, NonLocalAttn; torchvision.ops.SqueezeExcitation.
+    SelectiveKernel, SelectiveKernelAttn, NonLocalAttn; torchvision.ops.SqueezeExcitation;
+    segmentation_models_pytorch's SCSEModule (the decoder attention of its U-Net and friends).
 By class name and structure, as users copy the code into their own modules (the structure, i.e.
 the submodules, their types, shapes and options, must be the original's; the forward is trusted):
     CBAM, ChannelGate, SpatialGate (the CBAM paper's Jongchan/attention-module), eca_layer (the
     ECA-Net paper's BangguWu/ECANet), ContextBlock (mmcv.cnn, GCNet's block), NonLocal2d (mmcv.cnn,
-    'embedded_gaussian' mode).
+    'embedded_gaussian' mode), SCSEModule (segmentation_models_pytorch's, copied).
 A recognized module whose configuration has no fused formula (say, a GELU(approximate='tanh')
 activation, or a norm layer inside SE) is left alone, with the reason in the report: patched, it
 would only run the reference.
@@ -86,6 +87,22 @@ def _selective_kernel_reason(m) -> Optional[str]:
     return _activation_reason({"attn.act": m.attn.act})
 
 
+def _scse_mismatch(m) -> Optional[str]:
+    """segmentation_models_pytorch's SCSEModule: cSE = Sequential(AdaptiveAvgPool2d(1), Conv2d(C, R, 1),
+    ReLU, Conv2d(R, C, 1), Sigmoid), sSE = Sequential(Conv2d(C, 1, 1), Sigmoid)."""
+    cse, sse = getattr(m, "cSE", None), getattr(m, "sSE", None)
+    fc1 = cse[1] if isinstance(cse, nn.Sequential) and len(cse) == 5 else None
+    channels, hidden = (fc1.in_channels, fc1.out_channels) if isinstance(fc1, nn.Conv2d) else (None, None)
+    if not (fc1 is not None and type(cse[0]) is nn.AdaptiveAvgPool2d and cse[0].output_size in (1, (1, 1))
+            and _is_conv(fc1, nn.Conv2d, channels, hidden, (1, 1), (0, 0), None) and type(cse[2]) is nn.ReLU
+            and _is_conv(cse[3], nn.Conv2d, hidden, channels, (1, 1), (0, 0), None) and type(cse[4]) is nn.Sigmoid):
+        return "cSE is not Sequential(AdaptiveAvgPool2d(1), Conv2d(C, R, 1), ReLU, Conv2d(R, C, 1), Sigmoid)"
+    if not (isinstance(sse, nn.Sequential) and len(sse) == 2
+            and _is_conv(sse[0], nn.Conv2d, channels, 1, (1, 1), (0, 0), None) and type(sse[1]) is nn.Sigmoid):
+        return f"sSE is not Sequential(Conv2d({channels}, 1, 1), Sigmoid)"
+    return None
+
+
 class _Rule(NamedTuple):
     fused: type                                      # the drop-in whose forward a patched module runs
     reason: Callable[[nn.Module], Optional[str]]     # why this instance cannot be fused, or None
@@ -114,6 +131,7 @@ _BY_CLASS: Dict[str, _Rule] = {
     "timm.layers.selective_kernel.SelectiveKernel": _Rule(fused_nn.FusedSelectiveKernel, _selective_kernel_reason),
     "timm.layers.selective_kernel.SelectiveKernelAttn": _Rule(fused_nn.FusedSelectiveKernelAttn, lambda m: None),
     "timm.layers.non_local_attn.NonLocalAttn": _Rule(fused_nn.FusedNonLocalAttn, lambda m: None),
+    "segmentation_models_pytorch.base.modules.SCSEModule": _Rule(fused_nn.FusedSCSE, _scse_mismatch),
     "torchvision.ops.misc.SqueezeExcitation": _Rule(
         fused_nn.FusedSqueezeExcitation,
         lambda m: _activation_reason({"activation": m.activation, "scale_activation": m.scale_activation})),
@@ -237,6 +255,7 @@ _BY_NAME: Dict[str, _StructuralRule] = {
     "eca_layer": _StructuralRule(fused_nn.FusedECAOfficial, _eca_layer_mismatch, "the ECA-Net paper's code"),
     "ContextBlock": _StructuralRule(fused_nn.FusedContextBlock, _context_block_mismatch, "mmcv"),
     "NonLocal2d": _StructuralRule(fused_nn.FusedNonLocal2d, _non_local_mismatch, "mmcv"),
+    "SCSEModule": _StructuralRule(fused_nn.FusedSCSE, _scse_mismatch, "segmentation_models_pytorch"),
 }
 
 # Attention modules of the libraries above with no fused version here: listed so the report says so.

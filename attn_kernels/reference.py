@@ -214,6 +214,22 @@ def selective_kernel(
     return torch.sum(x * attn, dim=1)
 
 
+def scse(
+    x: torch.Tensor,
+    fc1_weight: torch.Tensor,
+    fc1_bias: Optional[torch.Tensor],
+    fc2_weight: torch.Tensor,
+    fc2_bias: Optional[torch.Tensor],
+    sse_weight: torch.Tensor,
+    sse_bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """scSE, as segmentation_models_pytorch's SCSEModule: x * cSE(x) + x * sSE(x), with
+    cSE = sigmoid(conv(relu(conv(mean_hw(x))))) and sSE = sigmoid(conv1x1(x)) (C -> 1 channel)."""
+    x_se = F.conv2d(F.relu(F.conv2d(x.mean((2, 3), keepdim=True), _conv_weight(fc1_weight), fc1_bias)),
+                    _conv_weight(fc2_weight), fc2_bias)
+    return x * torch.sigmoid(x_se) + x * torch.sigmoid(F.conv2d(x, sse_weight, sse_bias))
+
+
 def sigmoid_gate(x: torch.Tensor, logits: torch.Tensor, *, residual: bool = False) -> torch.Tensor:
     """YOLOv4's SAM, x * sigmoid(logits) (logits of x's shape, or (N, 1, H, W) for the spatial
     form); with residual, Residual Attention's (1 + sigmoid(logits)) * x."""
@@ -273,3 +289,58 @@ def at_loss(student: torch.Tensor, teacher: torch.Tensor, p: float = 2) -> torch
     aligned first (see `aligned`); the teacher is detached."""
     student, teacher = aligned(student, teacher.detach())
     return (at_map(student, p) - at_map(teacher, p)).pow(2).mean()
+
+
+def _pair_of_ints(v) -> tuple:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def deform_conv2d(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """torchvision.ops.deform_conv2d (DCNv2 with mask, DCNv1 without) in plain PyTorch ops: the
+    samples gathered by index arithmetic, then one grouped matrix product, all differentiable by
+    autograd (deterministic on CPU). Materializes the (N, C, kh*kw, Hout*Wout) columns: for tests.
+
+    A sample at (y, x) is torchvision's bilinear_interpolate: the four corners, each zero outside
+    the image. torchvision also returns zero outright unless -1 < y < H and -1 < x < W; the corners
+    alone give that zero already, and autograd through them gives torchvision's offset gradient
+    (get_coordinate_weight, non-zero at exactly y = -1 or x = -1), so no such test here."""
+    sh, sw = _pair_of_ints(stride)
+    ph, pw = _pair_of_ints(padding)
+    dh, dw = _pair_of_ints(dilation)
+    N, C, H, W = input.shape
+    O, Cg, kh, kw = weight.shape
+    G, K = C // Cg, kh * kw
+    D = offset.shape[1] // (2 * K)
+    Hout, Wout = offset.shape[2], offset.shape[3]
+    P = Hout * Wout
+    off = offset.reshape(N, D, K, 2, P)
+    k = torch.arange(K, device=input.device)
+    ho = torch.arange(Hout, device=input.device).repeat_interleave(Wout)
+    wo = torch.arange(Wout, device=input.device).repeat(Hout)
+    y = (ho * sh - ph + (k // kw * dh)[:, None]).to(input.dtype) + off[:, :, :, 0]  # (N, D, K, P)
+    x = (wo * sw - pw + (k % kw * dw)[:, None]).to(input.dtype) + off[:, :, :, 1]
+    y0, x0 = y.detach().floor(), x.detach().floor()
+    ly, lx = y - y0, x - x0
+    planes = input.reshape(N, D, C // D, H * W)
+    samples = 0
+    for cy, wy in ((0, 1 - ly), (1, ly)):
+        for cx, wx in ((0, 1 - lx), (1, lx)):
+            yc, xc = y0.long() + cy, x0.long() + cx
+            inside = (yc >= 0) & (yc < H) & (xc >= 0) & (xc < W)
+            index = (yc.clamp(0, H - 1) * W + xc.clamp(0, W - 1)).flatten(2)  # (N, D, K*P)
+            corner = planes.gather(3, index[:, :, None].expand(N, D, C // D, K * P))
+            samples = samples + (wy * wx).flatten(2)[:, :, None] * torch.where(inside.flatten(2)[:, :, None], corner, 0)
+    if mask is not None:
+        samples = samples * mask.reshape(N, D, 1, K * P)
+    columns = samples.reshape(N, G, Cg * K, P)  # channel-major (c, k) rows, as weight's (Cg, kh, kw)
+    out = torch.einsum("gor,ngrp->ngop", weight.reshape(G, O // G, Cg * K), columns).reshape(N, O, Hout, Wout)
+    return out if bias is None else out + bias.reshape(1, O, 1, 1)

@@ -18,25 +18,10 @@
 // registers). The softmax is online, in the accumulator type: the running max and sum are
 // rescaled as each tile arrives, and the splits' partial results are combined in a fixed order.
 // No atomics: bitwise reproducible.
-#include "common.cuh"
+#include "pixel_tile.cuh"
 
 namespace attn_kernels {
 namespace {
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-// Equal to ATTENTION_POOL_MAX_CHANNELS in attn_kernels/ops/primitives.py: each thread keeps the
-// accumulators of C / kThreads channels in registers.
-constexpr int kMaxChannels = 4096;
-constexpr int kChannelsPerThread = kMaxChannels / kThreads;
-constexpr int kTileBytes = 32 * 1024;  // x staged per step
-constexpr int kMaxTilePixels = 32;     // the softmax update of a tile runs on one warp
-// The blocks per SM both kernels are compiled for: four in float32 (at most 64 registers), two in
-// float64. Left to choose, ptxas spilled: the backward 40 to 96 bytes per thread at 48 registers
-// on sm_80, the forward 40 bytes in float64 on sm_90a. So bounded, neither spills on sm_80 or
-// sm_90a (58 to 64 registers in float32, 96 to 103 in float64).
-template <typename acc_t>
-constexpr int kMinBlocksPerSm = sizeof(acc_t) == 8 ? 2 : 4;
 
 template <typename T>
 __device__ __forceinline__ T exp_acc(T v) {
@@ -45,52 +30,6 @@ __device__ __forceinline__ T exp_acc(T v) {
   } else {
     return exp(v);
   }
-}
-
-// Where element i of a tile of `pixels` pixels starting at hw0 lies: tile[p*stride + c] in shared
-// memory, offset in x. Consecutive i are consecutive in memory in either layout.
-struct TileIndex {
-  int p;
-  int c;
-  int64_t offset;
-};
-
-__device__ __forceinline__ TileIndex tile_index(int i, int pixels, int64_t n, int64_t hw0, int64_t C, int64_t HW,
-                                                bool nhwc) {
-  if (nhwc) {
-    const int p = i / int(C), c = i - p * int(C);
-    return {p, c, (n * HW + hw0 + p) * C + c};
-  }
-  const int c = i / pixels, p = i - c * pixels;
-  return {p, c, (n * C + c) * HW + hw0 + p};
-}
-
-// The row stride (elements) of a staged tile: C padded to an odd number of 4-byte words (8-byte
-// units for fp64). In NCHW consecutive threads stage consecutive pixels of one channel, a row
-// apart: with C a multiple of 32 words, unpadded, all of a warp's stores would hit one bank.
-__host__ __device__ __forceinline__ int64_t tile_stride(int64_t C, int64_t element_size) {
-  return element_size == 2 ? C + (6 - C % 4) % 4  // = 2 (mod 4): an odd number of words
-                           : C | 1;
-}
-
-// Stages the tile of `pixels` pixels from hw0 of sample n in shared memory, as tile[p*stride + c].
-template <typename scalar_t>
-__device__ __forceinline__ void load_tile(dev_ptr<scalar_t> tile, dev_ptr<const scalar_t> x, int pixels, int64_t n,
-                                          int64_t hw0, int64_t C, int64_t HW, bool nhwc) {
-  const int64_t stride = tile_stride(C, sizeof(scalar_t));
-  for (int i = threadIdx.x; i < pixels * C; i += kThreads) {
-    const TileIndex t = tile_index(i, pixels, n, hw0, C, HW, nhwc);
-    tile[t.p * stride + t.c] = x[t.offset];
-  }
-  __syncthreads();
-}
-
-// sum_c tile_p[c] * v[c] for one pixel of the tile, by one warp.
-template <typename acc_t, typename TilePtr, typename VectorPtr>
-__device__ __forceinline__ acc_t pixel_dot(TilePtr tile_p, VectorPtr v, int64_t C, int lane) {
-  acc_t sum = 0;
-  for (int c = lane; c < C; c += 32) sum += static_cast<acc_t>(tile_p[c]) * v[c];
-  return warp_sum(sum);
 }
 
 // sum_c v[c] * (tile_p[c] - center[c]) over one pixel's channels, on the calling warp.
@@ -123,7 +62,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<acc_t>) attention_po
 
   for (int64_t hw0 = begin; hw0 < end; hw0 += tile_pixels) {
     const int pixels = int(min(int64_t(tile_pixels), end - hw0));
-    load_tile(tile, x, pixels, n, hw0, C, HW, nhwc);
+    stage_tile(tile, pixels, n, hw0, C, HW, nhwc, [&](int64_t i) { return x[i]; });
     for (int p = warp; p < pixels; p += kWarps) {
       const acc_t l = pixel_dot<acc_t>(tile + p * stride, weight, C, lane) + b;
       if (lane == 0) logits[p] = l;
@@ -192,7 +131,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<acc_t>) attention_po
 
   for (int64_t hw0 = begin; hw0 < end; hw0 += tile_pixels) {
     const int pixels = int(min(int64_t(tile_pixels), end - hw0));
-    load_tile(tile, x, pixels, n, hw0, C, HW, nhwc);
+    stage_tile(tile, pixels, n, hw0, C, HW, nhwc, [&](int64_t i) { return x[i]; });
     for (int p = warp; p < pixels; p += kWarps) {
       const acc_t l = pixel_dot<acc_t>(tile + p * stride, weight, C, lane) + b;
       const acc_t u_minus_k = pixel_centered_dot<acc_t>(tile + p * stride, ctx, dctx, C, lane);
@@ -228,27 +167,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm<acc_t>) attention_po
   }
 }
 
-// (tile pixels, splits, pixels per split) for x: a tile fills kTileBytes, and H*W is split until
-// the grid has a few blocks per SM.
-struct Plan {
-  int tile_pixels;
-  int64_t splits;
-  int64_t per_split;
-  size_t tile_bytes;  // the dynamic shared memory of a block: tile_pixels padded rows
-};
-
-Plan plan_for(const at::Tensor& x) {
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const int64_t per_pixel = tile_stride(C, x.element_size()) * x.element_size();
-  const int tile_pixels = int(std::max<int64_t>(1, std::min<int64_t>({kMaxTilePixels, kTileBytes / per_pixel, HW})));
-  const int64_t want = (int64_t(num_sms()) * 4 + N - 1) / N;
-  int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, (HW + tile_pixels - 1) / tile_pixels));
-  int64_t per_split = (HW + splits - 1) / splits;
-  per_split = (per_split + tile_pixels - 1) / tile_pixels * tile_pixels;  // whole tiles
-  splits = (HW + per_split - 1) / per_split;
-  return {tile_pixels, splits, per_split, size_t(tile_pixels * per_pixel)};
-}
-
 void check_weights(const char* op, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   AK_CHECK(x.size(1) <= kMaxChannels, op, "argument 'x' has ", x.size(1), " channels; at most ", kMaxChannels,
            " are supported");
@@ -269,7 +187,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool(const at::Tensor& x, const at:
   const auto stat_options = x.options().dtype(at::toAccumulateType(x.scalar_type(), true));
   if (x.numel() == 0) return {at::zeros({N, C}, stat_options), at::zeros({N}, stat_options)};
 
-  const Plan plan = plan_for(x);
+  const Plan plan = plan_for(x, x.element_size());
   at::Tensor part_acc = at::empty({plan.splits, N, C}, stat_options);
   at::Tensor part_max = at::empty({plan.splits, N}, stat_options);
   at::Tensor part_sum = at::empty({plan.splits, N}, stat_options);
@@ -310,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_backward(const at::Tensor& dy,
   at::Tensor dx = at::empty_like(dy);
   if (x.numel() == 0) return {dx, at::zeros({C}, weight.options())};
 
-  const Plan plan = plan_for(x);
+  const Plan plan = plan_for(x, x.element_size());
   at::Tensor part_dweight = at::empty({plan.splits, N, C}, weight.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     using acc_t = at::acc_type<scalar_t, true>;

@@ -31,6 +31,14 @@ AK_TORCH_LIBRARY(AK_LIBRARY, m) {
   m.def(
       "attention_pool_backward(Tensor dy, Tensor x, Tensor? gate, Tensor context, Tensor dcontext, "
       "Tensor weight, Tensor bias, Tensor lse) -> (Tensor dx, Tensor dweight)");
+  // scSE: sum over H*W per (n, c) and the weighted sum over C per pixel of t = a*b (a without b;
+  // a plain sum without weight).
+  m.def("scse_reduce(Tensor a, Tensor? b, Tensor? weight) -> (Tensor channel_sum, Tensor pixel_sum)");
+  // a*(gc[n, c] + gs[n, p]), plus cbias[n, c] + pcoef[n, p]*weight[c] and d weight = sum pcoef*x
+  // in the backward (x, cbias, pcoef, weight all given).
+  m.def(
+      "scse_apply(Tensor a, Tensor gc, Tensor gs, Tensor? x, Tensor? cbias, Tensor? pcoef, Tensor? weight) "
+      "-> (Tensor out, Tensor dweight)");
   // Over C per pixel: mean and max of u = x*ca (x without ca) and the count of u tying the max.
   m.def("spatial_pool(Tensor x, Tensor? ca) -> (Tensor mean, Tensor max, Tensor ties)");
   // sum_c dy*u per pixel, and sum_hw dy*x*sa per channel (empty without ca).

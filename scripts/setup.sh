@@ -13,12 +13,12 @@ step "virtual environment .venv"
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-step "dependencies (torch 2.13.0 CUDA build, triton 3.7.1, timm 1.0.31)"
+step "dependencies (torch 2.13.0 CUDA build, triton 3.7.1, timm 1.0.31, segmentation_models_pytorch 0.6.0)"
 # --isolated ignores local pip configuration, which may point at a CPU-only torch wheel: the CUDA
 # build of torch carries the headers and libraries the extension compiles against.
 python -m pip install --isolated -q --disable-pip-version-check \
-    torch==2.13.0 torchvision==0.28.0 triton==3.7.1 timm==1.0.31 numpy ninja pytest pytest-benchmark \
-    pytest-xdist setuptools wheel
+    torch==2.13.0 torchvision==0.28.0 triton==3.7.1 timm==1.0.31 segmentation-models-pytorch==0.6.0 numpy ninja \
+    pytest pytest-benchmark pytest-xdist setuptools wheel
 
 step "build attn_kernels"
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then

@@ -1,6 +1,6 @@
-"""Every module attn_kernels.patch fuses, by name (MODULES), as the tests build them: timm's and
-torchvision's classes, and the papers' and mmcv's modules as users copy them into their own code
-(same names and structure), written out here."""
+"""Every module attn_kernels.patch fuses, by name (MODULES), as the tests build them: timm's,
+torchvision's and segmentation_models_pytorch's classes, and the papers', mmcv's and smp's modules
+as users copy them into their own code (same names and structure), written out here."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -158,6 +158,25 @@ class NonLocal2d(nn.Module):
         return x + self.conv_out(y)
 
 
+class SCSEModule(nn.Module):
+    """segmentation_models_pytorch's SCSEModule (segmentation_models_pytorch/base/modules.py), as
+    copied into a user's code."""
+
+    def __init__(self, in_channels, reduction=16):
+        super().__init__()
+        self.cSE = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(in_channels, in_channels // reduction, 1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels // reduction, in_channels, 1),
+            nn.Sigmoid(),
+        )
+        self.sSE = nn.Sequential(nn.Conv2d(in_channels, 1, 1), nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.cSE(x) + x * self.sSE(x)
+
+
 # ---- every supported module ------------------------------------------------------------------------
 
 C = 32
@@ -195,7 +214,14 @@ MODULES = {
     "timm NonLocalAttn": lambda: timm.layers.NonLocalAttn(C),
     "mmcv NonLocal2d": lambda: NonLocal2d(C),
     "mmcv NonLocal2d sub_sample": lambda: NonLocal2d(C, sub_sample=True, use_scale=False),
+    "copied SCSEModule": lambda: SCSEModule(C, reduction=4),
 }
+try:  # the real one, where segmentation_models_pytorch installs (scripts/setup.sh installs it)
+    from segmentation_models_pytorch.base.modules import SCSEModule as SmpSCSEModule
+
+    MODULES["smp SCSEModule"] = lambda: SmpSCSEModule(C, reduction=4)
+except ImportError:
+    pass
 
 
 def randomized(model: nn.Module, seed: int = 0) -> nn.Module:

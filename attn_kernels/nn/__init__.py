@@ -9,6 +9,7 @@ its drop-ins and the small submodules that give them their state_dict keys:
   gc.py                global context: timm's GlobalContext, mmcv's ContextBlock
   selective_kernel.py  Selective Kernel and its attention
   sam.py               YOLOv4's SAM, Residual Attention
+  scse.py              scSE: segmentation_models_pytorch's SCSEModule
   non_local.py         non-local: timm's NonLocalAttn, mmcv's NonLocal2d
 """
 from .cbam import (
@@ -20,13 +21,14 @@ from .gc import FusedContextBlock, FusedGC
 from .module import FusedModule, make_divisible
 from .non_local import FusedNonLocal2d, FusedNonLocalAttn, MMCVConvModule
 from .sam import FusedResidualAttention, FusedSAM
+from .scse import FusedSCSE
 from .se import FusedEffectiveSE, FusedSE, FusedSqueezeExcitation, FusedSqueezeExcite
 from .selective_kernel import FusedSelectiveKernel, FusedSelectiveKernelAttn
 
 __all__ = [
     "FusedCBAM", "FusedCBAMOfficial", "FusedCECA", "FusedChannelAttn", "FusedContextBlock", "FusedECA",
     "FusedECAOfficial", "FusedEffectiveSE", "FusedGC", "FusedLightCBAM", "FusedLightChannelAttn",
-    "FusedLightSpatialAttn", "FusedNonLocal2d", "FusedNonLocalAttn", "FusedResidualAttention", "FusedSAM", "FusedSE",
+    "FusedLightSpatialAttn", "FusedNonLocal2d", "FusedNonLocalAttn", "FusedResidualAttention", "FusedSAM", "FusedSCSE", "FusedSE",
     "FusedSelectiveKernel", "FusedSelectiveKernelAttn", "FusedSpatialAttn", "FusedSqueezeExcitation",
     "FusedSqueezeExcite", "FusedModule", "MMCVConvModule", "make_divisible",
 ]
