@@ -9,6 +9,7 @@
     nl = attn_kernels.FusedNonLocalAttn(256)     # drop-in for timm.layers.NonLocalAttn (SDPA inside)
     sam = attn_kernels.FusedSAM(256)             # YOLOv4's SAM: x * sigmoid(conv(x))
     scse = attn_kernels.FusedSCSE(256)           # drop-in for segmentation_models_pytorch's SCSEModule
+    dcn = attn_kernels.FusedDeformConv2d(256, 256, 3, padding=1)  # drop-in for torchvision.ops.DeformConv2d
     loss = attn_kernels.at_loss(f_student, f_teacher)   # attention transfer
     with attn_kernels.use_backend("triton"):     # 'auto' (default), 'cuda', 'triton', 'reference'
         y = se(x)
@@ -19,20 +20,21 @@ from . import functional, reference
 from .backends import BACKENDS, Dispatch, get_backend, set_backend, use_backend
 from .functional import at_loss, at_map
 from .nn import (
-    FusedCBAM, FusedCBAMOfficial, FusedCECA, FusedChannelAttn, FusedContextBlock, FusedECA, FusedECAOfficial,
-    FusedEffectiveSE, FusedGC, FusedLightCBAM, FusedLightChannelAttn, FusedLightSpatialAttn, FusedNonLocal2d,
-    FusedNonLocalAttn, FusedResidualAttention, FusedSAM, FusedSCSE, FusedSE, FusedSelectiveKernel, FusedSelectiveKernelAttn,
-    FusedSpatialAttn, FusedSqueezeExcitation, FusedSqueezeExcite,
+    FusedCBAM, FusedCBAMOfficial, FusedCECA, FusedChannelAttn, FusedContextBlock, FusedDeformConv2d, FusedECA,
+    FusedECAOfficial, FusedEffectiveSE, FusedGC, FusedLightCBAM, FusedLightChannelAttn, FusedLightSpatialAttn,
+    FusedModulatedDeformConv2dPack, FusedNonLocal2d, FusedNonLocalAttn, FusedResidualAttention, FusedSAM, FusedSCSE,
+    FusedSE, FusedSelectiveKernel, FusedSelectiveKernelAttn, FusedSpatialAttn, FusedSqueezeExcitation,
+    FusedSqueezeExcite,
 )
 from .patch import PatchReport, patch, patch_report, unpatch
 
 __version__ = "0.1.0"
 __all__ = [
-    "BACKENDS", "Dispatch", "FusedCBAM", "FusedCBAMOfficial", "FusedCECA", "FusedChannelAttn", "FusedContextBlock",
-    "FusedECA", "FusedECAOfficial", "FusedEffectiveSE", "FusedGC", "FusedLightCBAM", "FusedLightChannelAttn",
-    "FusedLightSpatialAttn", "FusedNonLocal2d", "FusedNonLocalAttn", "FusedResidualAttention", "FusedSAM", "FusedSCSE",
-    "FusedSE",
+    "BACKENDS", "Dispatch", "FusedCBAM", "FusedCBAMOfficial", "FusedCECA", "FusedChannelAttn",
+    "FusedContextBlock", "FusedDeformConv2d", "FusedECA", "FusedECAOfficial", "FusedEffectiveSE", "FusedGC",
+    "FusedLightCBAM", "FusedLightChannelAttn", "FusedLightSpatialAttn", "FusedModulatedDeformConv2dPack",
+    "FusedNonLocal2d", "FusedNonLocalAttn", "FusedResidualAttention", "FusedSAM", "FusedSCSE", "FusedSE",
     "FusedSelectiveKernel", "FusedSelectiveKernelAttn", "FusedSpatialAttn", "FusedSqueezeExcitation",
-    "FusedSqueezeExcite", "PatchReport", "at_loss", "at_map", "functional", "get_backend", "patch", "patch_report", "reference", "set_backend", "unpatch",
-    "use_backend",
+    "FusedSqueezeExcite", "PatchReport", "at_loss", "at_map", "functional", "get_backend", "patch",
+    "patch_report", "reference", "set_backend", "unpatch", "use_backend",
 ]

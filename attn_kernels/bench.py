@@ -93,6 +93,37 @@ class ATLoss(nn.Module):
         return attn_kernels.functional.at_map_dispatch(x)
 
 
+class EagerSCSE(nn.Module):
+    """segmentation_models_pytorch's SCSEModule, its code (smp need not be installed where the
+    benchmark runs): x * cSE(x) + x * sSE(x). FusedSCSE's state_dict."""
+
+    def __init__(self, in_channels: int, reduction: int = 16):
+        super().__init__()
+        self.cSE = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, in_channels // reduction, 1),
+                                 nn.ReLU(inplace=True), nn.Conv2d(in_channels // reduction, in_channels, 1), nn.Sigmoid())
+        self.sSE = nn.Sequential(nn.Conv2d(in_channels, 1, 1), nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.cSE(x) + x * self.sSE(x)
+
+
+class EagerDeformConvPack(attn_kernels.FusedModulatedDeformConv2dPack):
+    """mmcv's ModulatedDeformConv2dPack (3x3, C -> C) on torchvision's deform_conv2d, which builds
+    the im2col columns: the baseline. Its offset conv starts from small random weights, not mmcv's
+    zeros, so the samples fall between pixels as in a trained model."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, channels, 3, padding=1)
+        nn.init.normal_(self.conv_offset.weight, std=0.01)
+
+    def forward(self, x):
+        import torchvision
+
+        offset, mask = self._offset_and_mask(x)
+        return torchvision.ops.deform_conv2d(x, offset, self.weight, self.bias, self.stride, self.padding,
+                                             self.dilation, mask)
+
+
 # One entry per block; a new block adds one line here.
 BLOCKS: Dict[str, Block] = {
     "se": Block(eager=lambda c: timm.layers.SEModule(c), fused=lambda c: attn_kernels.FusedSE(c)),
@@ -113,11 +144,15 @@ BLOCKS: Dict[str, Block] = {
                     passes=None),
     "nonlocal": Block(eager=lambda c: timm.layers.NonLocalAttn(c), fused=lambda c: attn_kernels.FusedNonLocalAttn(c),
                       passes=None, fused_impls=("sdpa",)),
+    "scse": Block(eager=lambda c: EagerSCSE(c), fused=lambda c: attn_kernels.FusedSCSE(c)),
+    # A 3x3 modulated deformable conv, C -> C, its offsets and masks from a 3x3 conv of x (mmcv's DCNv2).
+    "dcn": Block(eager=lambda c: EagerDeformConvPack(c), fused=lambda c: attn_kernels.FusedModulatedDeformConv2dPack(
+        c, c, 3, padding=1), passes=None, fused_impls=("triton",)),
     # Student and teacher of x's shape: fwd reads both, bwd reads the student and writes its gradient.
     "at": Block(eager=lambda c: ATLoss(fused=False), fused=lambda c: ATLoss(fused=True),
                 passes={"fwd": 2, "bwd": 2, "fwd+bwd": 4}),
 }
-for _name in ("se", "cbam", "eca", "gc", "gca"):
+for _name in ("se", "cbam", "eca", "gc", "gca", "scse"):
     BLOCKS[_name].passes = COMPULSORY_PASSES
 
 RESNET50_STAGES = [(256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]  # C, H, W of the SE sites

@@ -792,6 +792,12 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
     its arguments and results, as implicit GEMMs that sample the input on chip: no im2col buffer
     (attn_kernels/ops/deform_conv.py). groups come from weight.shape[1], offset groups from
     offset.shape[1] // (2 * kh * kw)."""
+    if isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type):
+        # As nn.Conv2d under autocast: every tensor in the autocast dtype, the GEMMs on tensor cores.
+        # (torchvision's op runs in float32 under autocast and returns input's dtype.)
+        dtype = torch.get_autocast_dtype(input.device.type)
+        input, offset, weight, bias, mask = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+                                             for t in (input, offset, weight, bias, mask))
     choice, stride, padding, dilation = _deform_conv2d_plan(input, offset, weight, bias, stride, padding, dilation,
                                                             mask)
     if choice.backend == "reference":

@@ -734,7 +734,8 @@ compiled by Triton for each target), the CUDA kernels of csrc/ at every template
 specializations (their count, the values of their dtypes and constexprs). Bar: no spills, and
 registers * threads * 2 <= 65536 (two blocks of the launched size fit an SM's register file).
 Shared memory: Triton's dynamic shared memory per launch; for CUDA, ptxas's static shared memory
-(attention_pool.cu's kernels also take a dynamic tile at launch, not counted here).
+(the pixel-tile kernels of attention_pool.cu and scse.cu also take a dynamic tile at launch, not
+counted here).
 The specializations are those of the tests' shapes, which are small: real model widths may not be
 among them. The ledger (python -m attn_kernels.ledger) compiles every launch at ResNet-50's shapes
 for sm_90a: benchmarks/results/occupancy.csv has their registers and spills.

@@ -76,7 +76,7 @@ DIRECTIONS = ("fwd", "bwd")
 KERNEL_BACKENDS = {
     "se": ("cuda", "triton"), "eca": ("cuda", "triton"), "cbam": ("cuda", "triton"), "gc": ("cuda", "triton"),
     "gca": ("cuda", "triton"), "sam_spatial": ("cuda", "triton"), "sam": ("triton",), "resatt": ("triton",),
-    "at": ("triton",), "sk": ("triton",),
+    "at": ("triton",), "sk": ("triton",), "scse": ("cuda", "triton"),
 }
 # Blocks whose kernels are counted in eval mode: SK's BatchNorm over the pooled (N, C) needs N >= 2
 # in training; its kernels are the same in eval (the dry run at N, in training, checks their names).

@@ -404,3 +404,17 @@ def test_dispatch_falls_back_with_a_reason():
     with attn_kernels.use_backend("cuda"):
         assert "no cuda kernel" in F.deform_conv2d_dispatch(x, offset, weight, bias, mask=mask, **conv).passed_over["cuda"]
 
+
+
+@kernels
+def test_autocast_runs_in_the_autocast_dtype(triton_backend):
+    """Under autocast, as nn.Conv2d: the op in the autocast dtype (bfloat16 here), float32 tensors given."""
+    tensors, conv = make_case()
+    x, offset, weight, bias, mask = [t.float() for t in tensors]
+    with attn_kernels.use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = F.deform_conv2d(x, offset, weight, bias, mask=mask, **conv)
+    assert y.dtype == torch.bfloat16
+    rounded = [t.bfloat16().double() for t in (x, offset, weight, bias, mask)]
+    expected = reference.deform_conv2d(*rounded[:4], mask=rounded[4], **conv)
+    # bfloat16's rounding of the output (2^-8 relative), the sums in float32
+    torch.testing.assert_close(y.double(), expected, rtol=2**-7, atol=2**-7 * expected.abs().max().item())

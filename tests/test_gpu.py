@@ -261,3 +261,74 @@ def test_non_local_at_56x56_matches_timm_without_the_matrix(dtype):
     assert peak < matrix, f"peak {peak / 1e6:.0f} MB >= one attention matrix {matrix / 1e6:.0f} MB"
     for name, got, eager_out, reference_out in zip(["y", "dx"] + [n for n, _ in eager.named_parameters()], k, e, ref):
         assert_close_to_reference(name, got, eager_out, reference_out)
+
+
+@pytest.mark.parametrize("shape", SYSTEM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scse_matches_reference(backend, dtype, layout, shape, poisoned):
+    import test_scse
+
+    x = make_x(shape, dtype, "cuda", layout)
+    ws = [w.cuda() for w in test_scse.weights(shape[1], dtype=dtype)]
+    dy = make_x(shape, dtype, "cuda", layout, seed=1)
+    with attn_kernels.use_backend(backend):
+        assert attn_kernels.functional.scse_dispatch(x).backend == backend
+    step = test_scse.scse_step
+    ref = step(x.double(), [w.double() for w in ws], dy.double(), "reference")
+    eager, got = step(x, ws, dy, "reference"), step(x, ws, dy, backend)
+    for name, g, e, r in zip(["y", "dx", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "sse_weight", "sse_bias"],
+                             got, eager, ref):
+        assert_close_to_reference(name, g, e, r)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dx", "deterministic-dx"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deform_conv_matches_torchvision_at_a_resnet_shape(dtype, layout, deterministic):
+    """A 3x3 DCNv2 at 64 channels and 28x28, two offset groups: output and the five gradients
+    against float64, within twice the error of torchvision's CUDA op at the dtype (the reference's
+    in bfloat16, which torchvision's op does not take)."""
+    import test_deform_conv
+    from torchvision.ops import deform_conv2d as tv_deform_conv2d
+
+    tensors, conv = test_deform_conv.make_case(N=4, C=64, H=28, W=28, O=64, offset_groups=2, layout=layout)
+    tensors = [t.cuda() for t in tensors]
+    dy = torch.randn((4, 64, 28, 28), dtype=torch.float64, device="cuda")
+    step = test_deform_conv.step
+    ref = step(tv_deform_conv2d, tensors, conv, dy)
+    low = [t.to(dtype) for t in tensors]
+    eager_fn = attn_kernels.reference.deform_conv2d if dtype == torch.bfloat16 else tv_deform_conv2d
+    eager = step(eager_fn, low, conv, dy.to(dtype))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)  # the kernel's dx: gathered, or scattered by atomics
+    try:
+        got = step(test_deform_conv.kernel_fn, low, conv, dy.to(dtype))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name, g, e, r in zip(test_deform_conv.NAMES, got, eager, ref):
+        assert_close_to_reference(name, g, e, r)
+
+
+def test_deform_conv_allocates_nothing_column_sized():
+    """Forward and backward of a 3x3 DCNv2 at 256 channels and 56x56 (N = 8, bf16): the peak memory
+    above the inputs stays below one image's im2col columns (C*9*H*W elements), which
+    torchvision's op allocates."""
+    import test_deform_conv
+
+    tensors, conv = test_deform_conv.make_case(N=8, C=256, H=56, W=56, O=256, layout="channels_last")
+    x, offset, weight, bias, mask = [t.cuda().bfloat16().requires_grad_() for t in tensors]
+    dy = torch.randn((8, 256, 56, 56), device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with attn_kernels.use_backend("triton"):
+        out = attn_kernels.functional.deform_conv2d(x, offset, weight, bias, mask=mask, **conv)
+    out.backward(dy)
+    peak = torch.cuda.max_memory_allocated() - before
+    columns = 256 * 9 * 56 * 56 * x.element_size()
+    # out, dx (and its float32 accumulator), d offset, d mask, d weight (and its float32 partial
+    # sums): allowed; half of one image's columns more: not.
+    allowed = out.numel() * 2 + x.numel() * (2 + 4) + 3 * offset.numel() * 2 + weight.numel() * (2 + 4 + 4)
+    assert peak < allowed + columns // 2, f"peak {peak / 1e6:.1f} MB: a columns-sized buffer ({columns / 1e6:.1f} MB)?"

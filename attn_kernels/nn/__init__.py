@@ -11,11 +11,13 @@ its drop-ins and the small submodules that give them their state_dict keys:
   sam.py               YOLOv4's SAM, Residual Attention
   scse.py              scSE: segmentation_models_pytorch's SCSEModule
   non_local.py         non-local: timm's NonLocalAttn, mmcv's NonLocal2d
+  deform_conv.py       modulated deformable convolution: torchvision's DeformConv2d, mmcv's ModulatedDeformConv2dPack
 """
 from .cbam import (
     FusedCBAM, FusedCBAMOfficial, FusedChannelAttn, FusedLightCBAM, FusedLightChannelAttn, FusedLightSpatialAttn,
     FusedSpatialAttn,
 )
+from .deform_conv import FusedDeformConv2d, FusedModulatedDeformConv2dPack
 from .eca import FusedCECA, FusedECA, FusedECAOfficial
 from .gc import FusedContextBlock, FusedGC
 from .module import FusedModule, make_divisible
@@ -26,9 +28,10 @@ from .se import FusedEffectiveSE, FusedSE, FusedSqueezeExcitation, FusedSqueezeE
 from .selective_kernel import FusedSelectiveKernel, FusedSelectiveKernelAttn
 
 __all__ = [
-    "FusedCBAM", "FusedCBAMOfficial", "FusedCECA", "FusedChannelAttn", "FusedContextBlock", "FusedECA",
+    "FusedCBAM", "FusedCBAMOfficial", "FusedCECA", "FusedChannelAttn", "FusedContextBlock", "FusedDeformConv2d",
+    "FusedECA",
     "FusedECAOfficial", "FusedEffectiveSE", "FusedGC", "FusedLightCBAM", "FusedLightChannelAttn",
-    "FusedLightSpatialAttn", "FusedNonLocal2d", "FusedNonLocalAttn", "FusedResidualAttention", "FusedSAM", "FusedSCSE", "FusedSE",
+    "FusedLightSpatialAttn", "FusedModulatedDeformConv2dPack", "FusedNonLocal2d", "FusedNonLocalAttn", "FusedResidualAttention", "FusedSAM", "FusedSCSE", "FusedSE",
     "FusedSelectiveKernel", "FusedSelectiveKernelAttn", "FusedSpatialAttn", "FusedSqueezeExcitation",
     "FusedSqueezeExcite", "FusedModule", "MMCVConvModule", "make_divisible",
 ]

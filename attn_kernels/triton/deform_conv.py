@@ -79,9 +79,10 @@ def _corners(x_ptr, plane, y, x, valid, H, W, sxh, sxw, ACC: tl.constexpr):
     and their in-image flags, for the scatter of dx."""
     # Clamped before the integer conversion (a far-away sample has no corner inside either way);
     # A NaN position stays NaN (compiled max/min would drop it), so its sample is NaN as torchvision's.
-    nan = tl.PropagateNan.ALL
-    y0 = tl.floor(tl.minimum(tl.maximum(y, -2.0, propagate_nan=nan), H + 1.0, propagate_nan=nan))
-    x0 = tl.floor(tl.minimum(tl.maximum(x, -2.0, propagate_nan=nan), W + 1.0, propagate_nan=nan))
+    y0 = tl.floor(tl.minimum(tl.maximum(y, -2.0, propagate_nan=tl.PropagateNan.ALL), H + 1.0,
+                             propagate_nan=tl.PropagateNan.ALL))
+    x0 = tl.floor(tl.minimum(tl.maximum(x, -2.0, propagate_nan=tl.PropagateNan.ALL), W + 1.0,
+                             propagate_nan=tl.PropagateNan.ALL))
     ly = y - y0
     lx = x - x0
     yi = y0.to(tl.int32)
@@ -371,9 +372,14 @@ class _Geometry:
         self.widen_dot = x.dtype == torch.bfloat16 and not x.is_cuda  # see _dot
         # Tiles: tl.dot needs 16 or more along each side. Small enough for registers in float64 and
         # for the interpreter at test shapes; the same for a shape on every run (no autotuning).
+        # Compiled for sm_80 and sm_90a (python -m attn_kernels.kernel_report): a 32-wide reduction
+        # tile spilled in the float32 forward (255 registers at 4 warps), and 32 or 64 pixels in the
+        # float64 forward (up to 196 B). Smaller tiles did not help the gradient kernels: ptxas then
+        # capped them at 128 registers and spilled more.
         self.block_p = _pow2_between(self.P, 16, 64)
+        self.block_p_forward = 16 if self.f64 else self.block_p
         self.block_o = _pow2_between(self.Og, 16, 64)
-        self.block_r = 16  # 32 spilled in the float32 forward (255 registers at 4 warps, sm_80/sm_90a)
+        self.block_r = 16
 
 
 def _output_like(x: torch.Tensor, shape, dtype) -> torch.Tensor:
@@ -388,7 +394,7 @@ def deform_conv2d(x, weight, offset, mask, bias, stride, padding, dilation) -> t
     if out.numel() == 0:
         return out
     weight, offset = weight.contiguous(), offset.contiguous()
-    grid = (geo.N * triton.cdiv(geo.P, geo.block_p), geo.G * triton.cdiv(geo.Og, geo.block_o))
+    grid = (geo.N * triton.cdiv(geo.P, geo.block_p_forward), geo.G * triton.cdiv(geo.Og, geo.block_o))
     with device_guard(x):
         _forward_kernel[grid](  # absent mask and bias: stand-in pointers, never read
             x, weight, offset, mask.contiguous() if mask is not None else offset,
@@ -396,7 +402,7 @@ def deform_conv2d(x, weight, offset, mask, bias, stride, padding, dilation) -> t
             geo.C, geo.H, geo.W, geo.Hout, geo.Wout, geo.K, geo.KW, geo.Cg, geo.Og, geo.Cd, geo.D,
             *x.stride(), *out.stride(), *geo.conv,
             HAS_MASK=mask is not None, HAS_BIAS=bias is not None, F64=geo.f64, LOW_PRECISION=geo.low_precision, WIDEN_DOT=geo.widen_dot,
-            BLOCK_O=geo.block_o, BLOCK_R=geo.block_r, BLOCK_P=geo.block_p,
+            BLOCK_O=geo.block_o, BLOCK_R=geo.block_r, BLOCK_P=geo.block_p_forward,
         )
     return out
 
