@@ -92,6 +92,31 @@ def test_attention_pool_over_many_tiles_and_splits(ops, layout, poisoned):
     torch.testing.assert_close(lse, logits.logsumexp(-1), rtol=1e-13, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_scse_primitives_over_many_tiles_and_splits(ops, layout, poisoned):
+    """scSE's pixel tile (csrc/scse.cu) where each block walks several tiles and H*W is split: the
+    per-pixel sums, the per-channel sums the host combines over splits, and the backward's d weight;
+    exact to rounding in float64."""
+    N, C = 64, 5
+    x = make_x((N, C, 32, 32), torch.float64, layout=layout)
+    dy = make_x((N, C, 32, 32), torch.float64, layout=layout, seed=1)
+    weight = torch.randn(C, dtype=torch.float64)
+    channel_sum, pixel_sum = ops.scse_reduce(x, None, weight)
+    torch.testing.assert_close(channel_sum, x.sum((2, 3)), rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(pixel_sum, torch.einsum("nchw,c->nhw", x, weight).reshape(N, -1), rtol=1e-13, atol=1e-12)
+    dgc, dgs = ops.scse_reduce(dy, x, None)
+    torch.testing.assert_close(dgc, (dy * x).sum((2, 3)), rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(dgs, (dy * x).sum(1).reshape(N, -1), rtol=1e-13, atol=1e-12)
+    gc, gs = torch.rand(N, C, dtype=torch.float64), torch.rand(N, 32 * 32, dtype=torch.float64)
+    cbias, pcoef = torch.randn(N, C, dtype=torch.float64), torch.randn(N, 32 * 32, dtype=torch.float64)
+    dx, dweight = ops.scse_apply(dy, gc, gs, x, cbias, pcoef, weight)
+    pixel = lambda v: v.reshape(N, 1, 32, 32)  # noqa: E731
+    expected = dy * (gc[:, :, None, None] + pixel(gs)) + cbias[:, :, None, None] + pixel(pcoef) * weight[:, None, None]
+    torch.testing.assert_close(dx, expected, rtol=1e-13, atol=1e-12)
+    assert dx.stride() == x.stride()
+    torch.testing.assert_close(dweight, (x * pixel(pcoef)).sum((0, 2, 3)), rtol=1e-13, atol=1e-12)
+
+
 @pytest.mark.parametrize("N", [65535, 65536])
 def test_attention_pool_at_the_grid_limit(ops, N, monkeypatch, poisoned):
     """One block per sample and split: N at and past 65535, the limit of a grid's y and z

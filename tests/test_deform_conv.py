@@ -240,6 +240,58 @@ def test_saves_only_the_inputs(triton_backend):
     assert len(saved) == 4 and all(s is t for s, t in zip(saved, (x, weight, offset, mask)))
 
 
+def largest_allocation(fn) -> int:
+    """The most bytes of any tensor a torch op creates while fn() runs (Triton's interpreter's byte
+    copies of the kernels' arguments among them). A dispatch mode sees the ops fn calls itself, not
+    those inside a custom op: fn calls the kernels' launchers directly."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        nbytes = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    Largest.nbytes = max(Largest.nbytes, t.numel() * t.element_size())
+            return out
+
+    with Largest():
+        fn()
+    return Largest.nbytes
+
+
+@kernels
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dx", "deterministic-dx"])
+def test_nothing_columns_sized_is_allocated(deterministic, triton_backend):
+    """The launchers of the forward and the backward allocate nothing near one image's im2col
+    columns (C*kh*kw*Hout*Wout elements; torchvision's op allocates them for a batch of images):
+    their buffers are of the size of x (dx's float32 accumulator), the offsets (the deterministic
+    gather's sorted samples: 4*N*D*kh*kw*Hout*Wout int64 keys, which grow with N and the offset
+    groups but not with C) or the weights (dweight's partial sums). The reference, which builds the
+    columns, shows that the count sees them."""
+    from attn_kernels import triton as triton_kernels
+
+    (x, offset, weight, bias, mask), conv = make_case(N=2, C=64, H=8, W=8, O=8)
+    x, offset, weight, bias, mask = [t.float() for t in (x, offset, weight, bias, mask)]
+    args = (conv["stride"], conv["padding"], conv["dilation"])
+    dy = torch.randn(2, 8, 8, 8)
+    columns = 64 * 9 * 8 * 8 * 4  # bytes, float32
+
+    def kernels_forward_and_backward():
+        triton_kernels.deform_conv2d(x, weight, offset, mask, bias, *args)
+        triton_kernels.deform_conv2d_backward(dy, x, weight, offset, mask, True, *args)
+
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        largest = largest_allocation(kernels_forward_and_backward)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert largest < columns // 2, f"a tensor of {largest} bytes; one image's columns have {columns}"
+    assert largest_allocation(lambda: reference.deform_conv2d(x, offset, weight, bias, *args, mask=mask)) >= columns
+
+
 @kernels
 def test_deterministic_mode_is_bitwise_reproducible(triton_backend):
     """Under torch.use_deterministic_algorithms(True) dx is gathered in a fixed order (no atomics);
