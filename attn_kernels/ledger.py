@@ -78,6 +78,12 @@ KERNEL_BACKENDS = {
     "gca": ("cuda", "triton"), "sam_spatial": ("cuda", "triton"), "sam": ("triton",), "resatt": ("triton",),
     "at": ("triton",), "sk": ("triton",), "scse": ("cuda", "triton"),
 }
+# The benchmark's other blocks, and why the ledger does not count them.
+NOT_COUNTED = {
+    "nonlocal": "its attention is torch's scaled_dot_product_attention, whose kernels the ledger cannot see into",
+    "dcn": ("torchvision's op, its eager baseline, is one aten op to the counter, which cannot see the im2col "
+            "columns it builds inside; the README gives the deformable convolution's traffic as estimates"),
+}
 # Blocks whose kernels are counted in eval mode: SK's BatchNorm over the pooled (N, C) needs N >= 2
 # in training; its kernels are the same in eval (the dry run at N, in training, checks their names).
 COUNTED_IN_EVAL = {"sk"}
@@ -952,7 +958,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m attn_kernels.ledger", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
-    add("--blocks", nargs="+", choices=sorted(KERNEL_BACKENDS), default=list(KERNEL_BACKENDS),
+    add("--blocks", nargs="+", choices=sorted({*KERNEL_BACKENDS, *NOT_COUNTED}), default=list(KERNEL_BACKENDS),
         help="blocks to count (default: every block with fused kernels)")
     add("--stages", nargs="+", help="CxHxW shapes (default: the four ResNet-50 stages; --quick: the first and last)")
     add("--batch", nargs="+", type=int, help="batch sizes (default: 32 128; --quick: 32)")
@@ -1020,8 +1026,10 @@ def main(argv=None) -> int:
 
     environment = {"torch": torch.__version__, "triton": triton.__version__, "commit": git_commit(),
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    for block in [b for b in args.blocks if b in NOT_COUNTED]:
+        log(f"skipped {block}: {NOT_COUNTED[block]}")
     cases = [Case(block, backend, c, h, w, dtype, layout)
-             for block in args.blocks
+             for block in args.blocks if block in KERNEL_BACKENDS
              for backend in (KERNEL_BACKENDS[block] if args.all_backends else KERNEL_BACKENDS[block][:1])
              for c, h, w in args.stages for dtype in args.dtypes for layout in args.layouts]
     unavailable = {b: why for b in ("cuda", "triton")
