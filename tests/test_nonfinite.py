@@ -1,6 +1,6 @@
 """NaN and +-inf behave as in PyTorch: every block's output, its inputs' gradients, every parameter
 gradient and the BatchNorm running statistics carry NaN, +inf and -inf exactly where the eager
-module's do (timm's, or the papers' code the project mirrors), run in float64, and agree elsewhere.
+module's do (timm's, smp's, or the papers' code the project mirrors), run in float64, and agree elsewhere.
 
 Non-finite values are planted in x (float32) in sample 0: a single element, a whole (n, c) plane,
 a whole pixel across the channels (each as NaN, +inf and -inf), and +inf with -inf in one plane and
@@ -25,6 +25,7 @@ from torch import nn
 
 import attn_kernels
 from helpers import make_x, randomized, timm_layers
+from patchable import SCSEModule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPE = (2, 8, 4, 5)  # (N, C, H, W): non-finite values go into sample 0; sample 1 stays finite
@@ -219,6 +220,7 @@ BLOCKS = {
        for name, kw in GC_CONFIGS.items()},
     "selective_kernel": (timm_pair(lambda: timm_layers.SelectiveKernel(C, rd_channels=4),
                                    lambda: attn_kernels.FusedSelectiveKernel(C, rd_channels=4)), True),
+    "scse": (timm_pair(lambda: SCSEModule(C, reduction=4), lambda: attn_kernels.FusedSCSE(C, reduction=4)), False),
     "sam point-wise": (sam_pair(False), False),
     "sam spatial": (sam_pair(True), False),
     "residual_attention trunk": (no_parameters(ResidualAttentionTwin, attn_kernels.FusedResidualAttention), False),
