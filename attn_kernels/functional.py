@@ -757,7 +757,7 @@ def _deform_conv2d_plan(input, offset, weight, bias, stride, padding, dilation, 
         raise ValueError(f"weight must be a non-empty 4-D tensor (out_channels, in_channels // groups, kh, kw), "
                          f"got {_shape_of(weight)}")
     O, Cg, kh, kw = weight.shape
-    if C % Cg or O % (C // Cg):
+    if C < Cg or C % Cg or O % (C // Cg):
         raise ValueError(f"weight must have a divisor of input's {C} channels as shape[1] (in_channels // groups), "
                          f"and out_channels divisible by the groups; got {tuple(weight.shape)}")
     _check_deform_tensor("weight", weight, tuple(weight.shape), input)

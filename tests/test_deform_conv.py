@@ -162,6 +162,64 @@ def test_edge_gradients_are_torchvisions_not_zero(triton_backend):
 
 
 @kernels
+def test_nan_offset_gives_nan_as_torchvisions_formula(triton_backend):
+    """A NaN sampling position is none of torchvision's outside tests: its sample, and so the
+    output and the mask's gradient there, are NaN (the reference's; torchvision's CPU op crashes
+    on a NaN offset). Elsewhere the results stay finite and agree."""
+    tensors, conv = make_case(N=1, C=2, H=4, W=4, O=2)
+    x, offset, weight, bias, mask = tensors
+    offset = offset.clone()
+    offset[0, 2, 1, 1] = float("nan")  # tap 1's y at output pixel (1, 1)
+    dy = torch.randn(1, 2, 4, 4, dtype=torch.float64)
+    got = step(kernel_fn, (x, offset, weight, bias, mask), conv, dy)
+    want = step(reference.deform_conv2d, (x, offset, weight, bias, mask), conv, dy)
+    for name, g, w in zip(NAMES, got, want):
+        assert torch.equal(g.isnan(), w.isnan()), f"{name}: NaN at {g.isnan().nonzero().tolist()[:4]}"
+        torch.testing.assert_close(g[~w.isnan()], w[~w.isnan()], rtol=1e-12, atol=1e-12, msg=name)
+    assert got[0][0, :, 1, 1].isnan().all() and got[5][0, 1, 1, 1].isnan()
+
+
+@kernels
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dx", "deterministic-dx"])
+def test_infinite_dy_reaches_only_the_pixels_within_distance_one(deterministic, triton_backend):
+    """Positions on whole pixels (zero offsets): torchvision's col2im adds dy to the pixel itself
+    only, not to the far corners at weight 0, so an infinite dy leaves inf in one pixel of dx and
+    no NaN beside it."""
+    tensors, conv = make_case(N=1, C=2, H=4, W=4, O=2, kernel=(1, 1), padding=(0, 0), mask=False)
+    x, offset, weight, bias, _ = tensors
+    offset = torch.zeros_like(offset)
+    dy = torch.zeros(1, 2, 4, 4, dtype=torch.float64)
+    dy[0, 0, 1, 1] = float("inf")
+    want = step(tv_ops.deform_conv2d, (x, offset, weight, bias, None), conv, dy)[1]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        got = step(kernel_fn, (x, offset, weight, bias, None), conv, dy)[1]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert not want.isnan().any()
+    assert torch.equal(got.isinf(), want.isinf()) and not got.isnan().any()
+    torch.testing.assert_close(got[want.isfinite()], want[want.isfinite()], rtol=1e-12, atol=1e-12)
+
+
+@kernels
+def test_images_of_no_pixels(triton_backend):
+    """H = 0 padded to an output of two rows, as torchvision allows: every sample is zero, and the
+    backward runs on both dx paths."""
+    tensors, conv = make_case(N=2, C=4, H=0, W=5, O=4, kernel=(1, 3), padding=(1, 1))
+    dy = torch.randn(2, 4, 2, 5, dtype=torch.float64)
+    want = step(tv_ops.deform_conv2d, tensors, conv, dy)
+    for deterministic in (False, True):
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            got = step(kernel_fn, tensors, conv, dy)
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        assert_all_close(got, want, 1e-12, f"H = 0, deterministic={deterministic}")
+
+
+@kernels
 def test_empty_batch(triton_backend):
     for mask in (True, False):
         tensors, conv = make_case(N=0, mask=mask)
@@ -432,6 +490,8 @@ def test_bad_input_names_the_argument():
         F.deform_conv2d(x, offset, weight, bias[:3], mask=mask, **conv)
     with pytest.raises(ValueError, match="weight must have a divisor"):
         F.deform_conv2d(x, offset, torch.randn(4, 3, 3, 3, dtype=torch.float64), bias, mask=mask, **conv)
+    with pytest.raises(ValueError, match="weight must have a divisor of input's 0 channels"):
+        F.deform_conv2d(x[:, :0], offset, weight, bias, mask=mask, **conv)
     with pytest.raises(TypeError, match="mask must have input's dtype"):
         F.deform_conv2d(x, offset, weight, bias, mask=mask.float(), **conv)
     with pytest.raises(TypeError, match="offset must be a tensor"):

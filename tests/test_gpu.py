@@ -125,6 +125,28 @@ def test_more_than_2_to_the_31_elements(backend, layout):
     torch.testing.assert_close(lse, torch.full_like(lse, float(torch.tensor(4096.0 * 4100).log())))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_image_of_more_than_2_to_the_31_elements(backend):
+    """The pixel-tile kernels (GC's attention pooling, scSE) in NCHW, where one image passes 2^31
+    elements: channel c's plane starts at c * H*W, past 2^31 for the last channels."""
+    shape = (1, 2050, 1024, 1024)  # 2,149,580,800 elements in one image
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs 24 GiB of GPU memory")
+    why = attn_kernels.backends.unavailable_reason(backend, torch.empty(1, 1, 1, 1, device="cuda"))
+    if why:
+        pytest.skip(why)
+    ops = primitives(backend)
+    x = torch.empty(shape, dtype=torch.bfloat16, device="cuda").uniform_(-1, 1)
+    x[0, -1].fill_(0.5)  # the last plane, past 2^31
+    weight = torch.zeros(2050, device="cuda")
+    weight[-1] = 1.0
+    channel_sum, pixel_sum = ops.scse_reduce(x, None, weight)
+    assert channel_sum[0, -1].item() == 0.5 * 2**20
+    assert torch.equal(pixel_sum, torch.full_like(pixel_sum, 0.5))  # the last channel's plane alone
+    context, _ = ops.attention_pool(x, torch.zeros(2050, device="cuda"), torch.zeros(1, device="cuda"))
+    assert abs(context[0, -1].item() - 0.5) < 1e-6
+
+
 def test_statistics_on_another_device_are_refused():
     """The CUDA primitives check that each statistic lies on x's device, naming it: a pointer of
     another device would be read as if it were x's (a CPU tensor stands in for another GPU)."""

@@ -104,7 +104,8 @@ def _pool_kernel(
         # over the channels once at the end: no step reduces across threads.
         logit_terms = tl.zeros((BLOCK_C, BLOCK_HW), dtype=acc_ty)
         for c_start in range(0, C, BLOCK_C):
-            c = c_start + tl.arange(0, BLOCK_C)
+            # int64: c * stride_c passes 2^31 in an NCHW image of more than 2^31 elements
+            c = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
             c_mask = c < C
             w = tl.load(w_ptr + c, mask=c_mask, other=0)
             tile = tl.load(x_image + c[:, None] * stride_c + hw[None, :] * stride_hw,
@@ -124,7 +125,7 @@ def _pool_kernel(
         # first tile stores acc without reading the row (uninitialized memory: 0 * NaN is NaN).
         tl.debug_barrier()
         for c_start in range(0, C, BLOCK_C):
-            c = c_start + tl.arange(0, BLOCK_C)
+            c = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
             c_mask = c < C
             tile = tl.load(x_image + c[:, None] * stride_c + hw[None, :] * stride_hw,
                            mask=c_mask[:, None] & hw_mask[None, :], other=0).to(acc_ty)
@@ -199,7 +200,7 @@ def _backward_kernel(
         logit_terms = tl.zeros((BLOCK_C, BLOCK_HW), dtype=acc_ty)
         u_minus_k_terms = tl.zeros((BLOCK_C, BLOCK_HW), dtype=acc_ty)
         for c_start in range(0, C, BLOCK_C):
-            c = c_start + tl.arange(0, BLOCK_C)
+            c = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
             c_mask = c < C
             w = tl.load(w_ptr + c, mask=c_mask, other=0)
             ctx = tl.load(ctx_row + c, mask=c_mask, other=0)
@@ -214,7 +215,7 @@ def _backward_kernel(
         # has just read it). The barrier and the first tile's store: as in _pool_kernel.
         tl.debug_barrier()
         for c_start in range(0, C, BLOCK_C):
-            c = c_start + tl.arange(0, BLOCK_C)
+            c = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
             c_mask = c < C
             mask = c_mask[:, None] & hw_mask[None, :]
             w = tl.load(w_ptr + c, mask=c_mask, other=0)

@@ -21,14 +21,15 @@ Kernels (K = kh*kw taps, P = Hout*Wout output pixels, groups G, offset groups D)
   the channels of d, computing dcol = weight[:, c, k]^T dy for a [BLOCK_C, BLOCK_P] tile (tl.dot
   over the output channels of c's weight group), samples x at the tile's positions, and sums the
   offset and mask gradients over the channels on chip: each is written once, by plain stores.
-  dx is scattered from there into the four corners with float atomics (tl.atomic_add), unless
-  torch's deterministic mode is on (below).
+  dx is scattered from there with float atomics (tl.atomic_add) into the corners within distance 1
+  of the position, as torchvision's col2im (not a far corner at weight 0, where an infinite dy
+  would leave 0 * inf = NaN), unless torch's deterministic mode is on (below).
 - _input_grad_gather_kernel (deterministic mode): dx gathered instead of scattered. The launcher
   lists every (sample, corner) pair with its target pixel and weight (4*N*D*K*P entries: the size
   of the offset tensor times 2, not of the columns), sorts them by target pixel with a stable
   sort, and one program per (n, channel tile, pixel tile) sums, in that fixed order, the
-  contributions of the samples that land on its pixels, recomputing dcol for each from weight and
-  dy. About 4x the GEMM's FLOPs, off the tensor cores: the price of determinism. torchvision's own
+  contributions of the samples that land on its pixels (up to the most any pixel of its tile
+  gets), recomputing dcol for each from weight and dy. About 4x the GEMM's FLOPs, off the tensor cores: the price of determinism. torchvision's own
   backward (CUDA: atomicAdd in deformable_col2im_kernel) is nondeterministic and does not alert.
 - _weight_grad_kernel: one program per (weight group, output-channel tile, (c, k) tile, split of
   the N*P pixels), dweight partials = dy @ col^T with col sampled on chip; the splits' partials are
@@ -105,13 +106,16 @@ def _corners(x_ptr, plane, y, x, valid, H, W, sxh, sxw, ACC: tl.constexpr):
 
 @triton.jit
 def _bilinear(v00, v01, v10, v11, ly, lx, y, x, H, W):
-    """torchvision's bilinear_interpolate: zero unless -1 < y < H and -1 < x < W (so an infinite
-    corner at weight zero cannot make a NaN there), its weights and sum in its order."""
+    """torchvision's bilinear_interpolate: zero where y <= -1, y >= H, x <= -1 or x >= W (so an
+    infinite corner at weight zero cannot make a NaN there; a NaN position is none of these, and
+    its sample is NaN, as torchvision's), its weights and sum in its order. Also whether the
+    position is inside (-1 < y < H and -1 < x < W; false for NaN), where dx gets its share."""
     hy = 1 - ly
     hx = 1 - lx
     val = hy * hx * v00 + hy * lx * v01 + ly * hx * v10 + ly * lx * v11
+    outside = (y <= -1) | (y >= H) | (x <= -1) | (x >= W)
     inside = (y > -1) & (y < H) & (x > -1) & (x < W)
-    return tl.where(inside, val, 0.0), inside
+    return tl.where(outside, 0.0, val), inside
 
 
 @triton.jit
@@ -240,8 +244,13 @@ def _input_grads_kernel(
             if HAS_MASK:
                 grad_m += dcol * val
             if SCATTER_DX:
+                # torchvision's col2im adds to the pixels within distance 1 of the position: not
+                # to a far corner at weight 0 (an infinite dy would put 0 * inf = NaN there).
                 t = dcol * m[None, :]
                 scatter = valid & inside
+                ok01 &= lx > 0
+                ok10 &= ly > 0
+                ok11 &= (lx > 0) & (ly > 0)
                 dx_ty = dx_ptr.dtype.element_ty
                 tl.atomic_add(dx_ptr + a00, (t * (hy * hx)).to(dx_ty), mask=scatter & ok00, sem="relaxed")
                 tl.atomic_add(dx_ptr + a00 + sxw, (t * (hy * lx)).to(dx_ty), mask=scatter & ok01, sem="relaxed")
@@ -258,33 +267,38 @@ def _input_grads_kernel(
 
 @triton.jit
 def _input_grad_gather_kernel(
-    w_ptr, dy_ptr, dx_ptr, start_ptr, entry_ptr, coef_ptr,
-    H, W, Hout, Wout, K, Cg, Og, Cd, D, longest,
+    w_ptr, dy_ptr, dx_ptr, start_ptr, entry_ptr, coef_ptr, longest_ptr,
+    H, W, Hout, Wout, K, Cg, Og, Cd, D,
     sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
     F64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     ACC: tl.constexpr = tl.float64 if F64 else tl.float32
     HW = H * W
     P = Hout * Wout
+    # One grid axis (whose limit is 2^31 - 1; the others' is 65535): (n, d, channel tile, pixel tile).
+    q_tiles = tl.cdiv(HW, BLOCK_Q)
     c_tiles = tl.cdiv(Cd, BLOCK_C)
-    nd = tl.program_id(0) // c_tiles  # n * D + d
+    pid = tl.program_id(0)
+    q_tile = pid % q_tiles
+    nd = pid // (q_tiles * c_tiles)  # n * D + d
     n = (nd // D).to(tl.int64)
     d = nd % D
-    c = d * Cd + (tl.program_id(0) % c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = d * Cd + (pid // q_tiles % c_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < (d + 1) * Cd
     g = c // Cg
     w_base = (g * Og).to(tl.int64) * (Cg * K) + (c - g * Cg) * K  # weight[g*Og, c, 0]
     dy_base = n * sdn + (g * Og).to(tl.int64) * sdc  # dy[n, g*Og]
     # Every vector [1, BLOCK_Q] (sliced 1-D ones made Triton 3.7's layout passes fail on the loads)
-    q = (tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q))[None, :]
+    q = (q_tile * BLOCK_Q + tl.arange(0, BLOCK_Q))[None, :]
     q_ok = q < HW
     segment = nd.to(tl.int64) * HW + q
     first = tl.load(start_ptr + segment, mask=q_ok, other=0)
     count = tl.load(start_ptr + segment + 1, mask=q_ok, other=0) - first
     acc = tl.zeros((BLOCK_C, BLOCK_Q), dtype=ACC)
     # The j-th sample landing on each pixel, in the stable sort's order: a fixed summation order.
-    # (Up to the longest run of any pixel, from the host: a loop bound reduced from `count` in the
-    # kernel fails Triton 3.7's layout passes.)
+    # (Up to the longest run of any pixel of the tile, from the host: a loop bound reduced from
+    # `count` in the kernel fails Triton 3.7's layout passes.)
+    longest = tl.load(longest_ptr + nd.to(tl.int64) * q_tiles + q_tile)
     for j in range(0, longest):
         e_ok = q_ok & (j < count)
         entry = tl.load(entry_ptr + first + j, mask=e_ok, other=0)  # k * P + p of the sample
@@ -372,13 +386,20 @@ class _Geometry:
         self.widen_dot = x.dtype == torch.bfloat16 and not x.is_cuda  # see _dot
         # Tiles: tl.dot needs 16 or more along each side. Small enough for registers in float64 and
         # for the interpreter at test shapes; the same for a shape on every run (no autotuning).
-        # Compiled for sm_80 and sm_90a (python -m attn_kernels.kernel_report): a 32-wide reduction
-        # tile spilled in the float32 forward (255 registers at 4 warps), and 32 or 64 pixels in the
-        # float64 forward (up to 196 B). Smaller tiles did not help the gradient kernels: ptxas then
-        # capped them at 128 registers and spilled more.
+        # Compiled for sm_80 and sm_90a at the tiles of ResNet-50's shapes (64 output channels and
+        # pixels): at 4 warps the float32 kernels spilled 270 to 1360 B and the bfloat16 input
+        # gradients sat at 255 registers. At 8 warps, bfloat16/float16 with 64x64 tiles and float32
+        # with 32 output channels (and 32 pixels in its weight gradient) compile with at most 16 B
+        # of spills (bf16 weight gradient, sm_80); 100 to 230 registers. float64 (for tests and
+        # precision, not speed) keeps 4 warps and smaller tiles: 32 or 64 pixels spilled up to
+        # 196 B in its forward.
+        wide = self.low_precision
+        self.num_warps = 4 if self.f64 else 8
         self.block_p = _pow2_between(self.P, 16, 64)
         self.block_p_forward = 16 if self.f64 else self.block_p
-        self.block_o = _pow2_between(self.Og, 16, 64)
+        self.block_p_weight = self.block_p if wide else min(self.block_p, 32)
+        self.block_o = _pow2_between(self.Og, 16, 64 if wide else 32)
+        self.block_c = 16  # the input gradients' channels per step; 32 spilled (bf16 at 8 warps, float32)
         self.block_r = 16
 
 
@@ -402,17 +423,18 @@ def deform_conv2d(x, weight, offset, mask, bias, stride, padding, dilation) -> t
             geo.C, geo.H, geo.W, geo.Hout, geo.Wout, geo.K, geo.KW, geo.Cg, geo.Og, geo.Cd, geo.D,
             *x.stride(), *out.stride(), *geo.conv,
             HAS_MASK=mask is not None, HAS_BIAS=bias is not None, F64=geo.f64, LOW_PRECISION=geo.low_precision, WIDEN_DOT=geo.widen_dot,
-            BLOCK_O=geo.block_o, BLOCK_R=geo.block_r, BLOCK_P=geo.block_p_forward,
+            BLOCK_O=geo.block_o, BLOCK_R=geo.block_r, BLOCK_P=geo.block_p_forward, num_warps=geo.num_warps,
         )
     return out
 
 
-def _gather_plan(geo, offset, mask, acc):
+def _gather_plan(geo, offset, mask, acc, block_q):
     """For the deterministic dx: every (sample, corner) pair that lands inside the image, sorted by
-    the pixel it lands on. Returns (start, entry, coef): the pairs of pixel q of (n, offset group d)
-    are entries start[(n*D + d)*H*W + q] to start[... + 1], entry = k*P + p of their sample, coef =
-    its mask times the corner's bilinear weight. The positions and weights are the kernels'
-    (_tap_position, _corners), in torch."""
+    the pixel it lands on. Returns (start, entry, coef, longest): the pairs of pixel q of (n, offset
+    group d) are entries start[(n*D + d)*H*W + q] to start[... + 1], entry = k*P + p of their
+    sample, coef = its mask times the corner's bilinear weight; longest[(n*D + d), tile] is the most
+    pairs of any pixel of that tile of block_q pixels (the gather's loop bound there). The positions
+    and weights are the kernels' (_tap_position, _corners), in torch."""
     N, D, K, P, H, W = geo.N, geo.D, geo.K, geo.P, geo.H, geo.W
     sh, sw, ph, pw, dh, dw = geo.conv
     dev = offset.device
@@ -431,6 +453,11 @@ def _gather_plan(geo, offset, mask, acc):
         for cx, wx in ((0, 1 - lx), (1, lx)):
             yc, xc = y0.long() + cy, x0.long() + cx
             ok = inside & (yc >= 0) & (yc < H) & (xc >= 0) & (xc < W)
+            # As the atomic scatter: not the far corner at weight 0 of a position on a pixel row or column.
+            if cy:
+                ok &= ly > 0
+            if cx:
+                ok &= lx > 0
             corners.append((ok, yc * W + xc, m * (wy * wx)))
     ok = torch.stack([c[0] for c in corners], -1)  # (N, D, K, P, 4)
     pixel = torch.stack([c[1] for c in corners], -1)
@@ -440,13 +467,17 @@ def _gather_plan(geo, offset, mask, acc):
     key, order = torch.sort(key, stable=True)
     start = torch.searchsorted(key, torch.arange(N * D * H * W + 1, device=dev))
     entry = (order // 4) % (K * P)
-    return start, entry.to(torch.int32 if K * P < 2**31 else torch.int64), coef.flatten()[order]
+    counts = start.diff().reshape(N * D, H * W)
+    tiles = triton.cdiv(H * W, block_q)
+    longest = torch.nn.functional.pad(counts, (0, tiles * block_q - H * W)).reshape(N * D, tiles, block_q).amax(-1)
+    return (start, entry.to(torch.int32 if K * P < 2**31 else torch.int64), coef.flatten()[order],
+            longest.to(torch.int32))
 
 
 def _weight_grad(geo, x, offset, mask, dy, has_mask):
     R = geo.Cg * geo.K
     tiles = geo.G * triton.cdiv(geo.Og, geo.block_o) * triton.cdiv(R, geo.block_r)
-    pixel_tiles = geo.N * triton.cdiv(geo.P, geo.block_p)
+    pixel_tiles = geo.N * triton.cdiv(geo.P, geo.block_p_weight)
     splits = max(1, min(pixel_tiles, triton.cdiv(_PROGRAMS_PER_SM * _sm_count(x), tiles)))
     per_split = triton.cdiv(pixel_tiles, splits)
     splits = triton.cdiv(pixel_tiles, per_split)
@@ -456,7 +487,7 @@ def _weight_grad(geo, x, offset, mask, dy, has_mask):
         geo.N, geo.C, geo.H, geo.W, geo.O, geo.Hout, geo.Wout, geo.K, geo.KW, geo.Cg, geo.Og, geo.Cd, geo.D, per_split,
         *x.stride(), *dy.stride(), *geo.conv,
         HAS_MASK=has_mask, F64=geo.f64, LOW_PRECISION=geo.low_precision, WIDEN_DOT=geo.widen_dot,
-        BLOCK_O=geo.block_o, BLOCK_R=geo.block_r, BLOCK_P=geo.block_p,
+        BLOCK_O=geo.block_o, BLOCK_R=geo.block_r, BLOCK_P=geo.block_p_weight, num_warps=geo.num_warps,
     )
     return part.sum(0)  # the splits in a fixed order
 
@@ -479,27 +510,27 @@ def deform_conv2d_backward(dy, x, weight, offset, mask, has_bias: bool, stride, 
     scatter_into = torch.zeros_like(x, dtype=acc) if not deterministic else None
     mask_arg = mask if has_mask else offset  # a stand-in pointer, never read
     with device_guard(x):
-        block_c = _pow2_between(math.gcd(geo.Cd, geo.Cg), 16, 16 if geo.f64 else 32)
         _input_grads_kernel[(geo.N * geo.D * geo.K * triton.cdiv(geo.P, geo.block_p),)](
             x, weight, offset, mask_arg, dy, scatter_into if scatter_into is not None else x, doffset,
             dmask if has_mask else doffset,
             geo.C, geo.H, geo.W, geo.Hout, geo.Wout, geo.K, geo.KW, geo.Cg, geo.Og, geo.Cd, geo.D,
             math.gcd(geo.Cd, geo.Cg), *x.stride(), *dy.stride(), *geo.conv,
             HAS_MASK=has_mask, SCATTER_DX=not deterministic, F64=geo.f64, LOW_PRECISION=geo.low_precision, WIDEN_DOT=geo.widen_dot,
-            BLOCK_C=block_c, BLOCK_O=geo.block_o, BLOCK_P=geo.block_p,
+            BLOCK_C=geo.block_c, BLOCK_O=geo.block_o, BLOCK_P=geo.block_p, num_warps=geo.num_warps,
         )
         if deterministic:
             dx = _output_like(x, x.shape, x.dtype)
-            start, entry, coef = _gather_plan(geo, offset, mask, acc)
+        if deterministic and x.numel():  # (an image of no pixels, padded to an output, has none to gather)
             block_c = _pow2_between(geo.Cd, 1, 16)
             block_q = _pow2_between(geo.H * geo.W, 16, 64)
-            grid = (geo.N * geo.D * triton.cdiv(geo.Cd, block_c), triton.cdiv(geo.H * geo.W, block_q))
+            start, entry, coef, longest = _gather_plan(geo, offset, mask, acc, block_q)
+            grid = (geo.N * geo.D * triton.cdiv(geo.Cd, block_c) * triton.cdiv(geo.H * geo.W, block_q),)
             _input_grad_gather_kernel[grid](
-                weight, dy, dx, start, entry, coef,
-                geo.H, geo.W, geo.Hout, geo.Wout, geo.K, geo.Cg, geo.Og, geo.Cd, geo.D, int(start.diff().max()),
+                weight, dy, dx, start, entry, coef, longest,
+                geo.H, geo.W, geo.Hout, geo.Wout, geo.K, geo.Cg, geo.Og, geo.Cd, geo.D,
                 *x.stride(), *dy.stride(), F64=geo.f64, BLOCK_C=block_c, BLOCK_Q=block_q,
             )
-        else:
+        if not deterministic:
             dx = scatter_into.to(x.dtype)
         dweight = _weight_grad(geo, x, offset, mask_arg, dy, has_mask).to(weight.dtype).reshape(weight.shape)
     return dx, dweight, doffset, dmask, dbias

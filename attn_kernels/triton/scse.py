@@ -54,7 +54,8 @@ def _reduce_kernel(
         # once at the end: no step reduces across threads.
         pixel_terms = tl.zeros((BLOCK_C, BLOCK_HW), dtype=acc_ty)
         for c_start in range(0, C, BLOCK_C):
-            c = c_start + tl.arange(0, BLOCK_C)
+            # int64: c * stride_c passes 2^31 in an NCHW image of more than 2^31 elements
+            c = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
             c_mask = c < C
             mask = c_mask[:, None] & hw_mask[None, :]
             offsets = image + c[:, None] * stride_c + hw[None, :] * stride_hw
@@ -131,7 +132,7 @@ def _apply_kernel(
         if GRAD:
             pcoef = tl.load(pcoef_ptr + n * HW + hw, mask=hw_mask, other=0)
         for c_start in range(0, C, BLOCK_C):
-            c = c_start + tl.arange(0, BLOCK_C)
+            c = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
             c_mask = c < C
             mask = c_mask[:, None] & hw_mask[None, :]
             offsets = image + c[:, None] * stride_c + hw[None, :] * stride_hw
