@@ -93,18 +93,13 @@ class ATLoss(nn.Module):
         return attn_kernels.functional.at_map_dispatch(x)
 
 
-class EagerSCSE(nn.Module):
-    """segmentation_models_pytorch's SCSEModule, its code (smp need not be installed where the
-    benchmark runs): x * cSE(x) + x * sSE(x). FusedSCSE's state_dict."""
-
-    def __init__(self, in_channels: int, reduction: int = 16):
-        super().__init__()
-        self.cSE = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, in_channels // reduction, 1),
-                                 nn.ReLU(inplace=True), nn.Conv2d(in_channels // reduction, in_channels, 1), nn.Sigmoid())
-        self.sSE = nn.Sequential(nn.Conv2d(in_channels, 1, 1), nn.Sigmoid())
+class EagerSCSE(attn_kernels.FusedSCSE):
+    """segmentation_models_pytorch's SCSEModule in eager PyTorch, x * cSE(x) + x * sSE(x): FusedSCSE's
+    submodules run by its reference_forward, smp's code (smp need not be installed where the
+    benchmark runs)."""
 
     def forward(self, x):
-        return x * self.cSE(x) + x * self.sSE(x)
+        return self.reference_forward(x)
 
 
 class EagerDeformConvPack(attn_kernels.FusedModulatedDeformConv2dPack):

@@ -194,12 +194,16 @@ def _check_scse(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, sse_weight, sse_b
     _check_tensor("sse_bias", sse_bias, (1,), x, optional=True)
 
 
+def _too_many_channels(x: Tensor, kernels: str) -> Optional[str]:
+    """Why the pixel-tile kernels (`kernels`: attention pooling, scSE) cannot take x, or None."""
+    if x.shape[1] <= ATTENTION_POOL_MAX_CHANNELS:
+        return None
+    return (f"x has {x.shape[1]} channels; the {kernels} kernels hold a pixel's channels on chip "
+            f"and take at most {ATTENTION_POOL_MAX_CHANNELS}")
+
+
 def _scse_plan(x: Tensor) -> Dispatch:
-    reason = None
-    if x.shape[1] > ATTENTION_POOL_MAX_CHANNELS:
-        reason = (f"x has {x.shape[1]} channels; the scSE kernels take a pixel's channels in one program "
-                  f"and take at most {ATTENTION_POOL_MAX_CHANNELS}")
-    return dispatch(x, reason)
+    return dispatch(x, _too_many_channels(x, "scSE"))
 
 
 def scse_dispatch(x: Tensor) -> Dispatch:
@@ -437,9 +441,8 @@ def _gc_plan(x, attn_weight, attn_bias, scale_weights, add_weights, act, gate):
     reason = None
     if not scale and not add:
         reason = "neither a scale nor an add transform: the block returns x, there is nothing to fuse"
-    elif attn_weight is not None and x.shape[1] > ATTENTION_POOL_MAX_CHANNELS:
-        reason = (f"x has {x.shape[1]} channels; the attention-pooling kernels hold a pixel's channels on chip "
-                  f"and take at most {ATTENTION_POOL_MAX_CHANNELS}")
+    elif attn_weight is not None and (too_many := _too_many_channels(x, "attention-pooling")):
+        reason = too_many
     elif act_name is None:
         reason = _no_formula("act", act)
     elif gate_name is None and scale:

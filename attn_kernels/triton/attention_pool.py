@@ -140,8 +140,14 @@ def _check_weights(op, x, weight, bias):
     C = x.shape[1]
     check_stats(op, x, (C,), weight=weight)
     check_stats(op, x, (1,), bias=bias)
-    if C > ATTENTION_POOL_MAX_CHANNELS:
-        raise ValueError(f"{op}(): argument 'x' has {C} channels; at most {ATTENTION_POOL_MAX_CHANNELS} are supported")
+    check_channels(op, "x", x)
+
+
+def check_channels(op, name, t):
+    """The pixel-tile kernels (attention pooling, scSE) take at most ATTENTION_POOL_MAX_CHANNELS."""
+    if t.shape[1] > ATTENTION_POOL_MAX_CHANNELS:
+        raise ValueError(f"{op}(): argument '{name}' has {t.shape[1]} channels; at most "
+                         f"{ATTENTION_POOL_MAX_CHANNELS} are supported")
 
 
 def attention_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor):

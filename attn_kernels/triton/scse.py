@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.primitives import ATTENTION_POOL_MAX_CHANNELS, acc_dtype
-from .attention_pool import program_warps, tile_shape
+from ..ops.primitives import acc_dtype
+from .attention_pool import check_channels, program_warps, tile_shape
 from .channel_gate import check_activation, check_stats, device_guard, split_hw, strides
 
 
@@ -73,12 +73,6 @@ def _reduce_kernel(
         tl.store(psum_ptr + n * HW + hw, tl.sum(pixel_terms, axis=0), mask=hw_mask)
 
 
-def _check_channels(op, x):
-    if x.shape[1] > ATTENTION_POOL_MAX_CHANNELS:
-        raise ValueError(f"{op}(): argument 'x' has {x.shape[1]} channels; at most "
-                         f"{ATTENTION_POOL_MAX_CHANNELS} are supported")
-
-
 def _plan(x):
     """(block_c, block_hw, splits, per_split): attention_pool's tile and split of H*W."""
     block_c, block_hw = tile_shape(x)
@@ -91,7 +85,7 @@ def scse_reduce(a: torch.Tensor, b, weight):
     check_activation(op, "a", a)
     if b is not None:
         check_activation(op, "b", b, like=a)
-    _check_channels(op, a)
+    check_channels(op, "a", a)
     N, C, H, W = a.shape
     check_stats(op, a, (C,), weight=weight)
     acc = acc_dtype(a.dtype)
@@ -151,7 +145,7 @@ def _apply_kernel(
 def scse_apply(a: torch.Tensor, gc, gs, x, cbias, pcoef, weight):
     op = "scse_apply"
     check_activation(op, "a", a)
-    _check_channels(op, a)
+    check_channels(op, "a", a)
     N, C, H, W = a.shape
     grad = x is not None
     if {grad} != {cbias is not None, pcoef is not None, weight is not None}:
