@@ -3,6 +3,8 @@
     python -m attn_kernels.bench                  # ResNet-50 stages at batch 32 and 128, bf16 and fp32, both layouts
     python -m attn_kernels.bench --ledger [...]   # the ledger instead (attn_kernels.ledger): bytes,
                                                   # launches, occupancy; the default without a GPU
+    python -m attn_kernels.bench --host [...]     # host cost vs eager, kernel bodies skipped, on CPU
+                                                  # tensors (attn_kernels.host_cost)
     python -m attn_kernels.bench --quick          # a smoke run: batch 32, two stages
     python -m attn_kernels.bench --impls eager triton --dtypes bf16 --layouts channels_last --plot
     python -m attn_kernels.bench --directions fwd+bwd --compile-workers 12 --time-budget 200   # a lent GPU
@@ -544,6 +546,10 @@ def plot_speedups(pyplot, speedups, csv_path: str) -> str:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--host" in argv:
+        from attn_kernels import host_cost
+
+        return host_cost.main([a for a in argv if a != "--host"])
     if "--ledger" in argv or not torch.cuda.is_available():
         from attn_kernels import ledger
 

@@ -13,7 +13,7 @@ from .activations import ACTIVATIONS, kernel_activation_name
 from .backends import KERNEL_BACKENDS, Dispatch, dispatch, get_backend
 from .ops.cbam import cbam_forward
 from .ops.deform_conv import deform_conv2d_forward
-from .ops.channel_gate import channel_gate_forward
+from .ops.channel_gate import channel_gate
 from .ops.excite import POOLS
 from .ops.attention_transfer import channel_power_mean
 from .ops.gc import gc_forward
@@ -158,9 +158,7 @@ def se(
             x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, add_maxpool=add_maxpool, act=act, gate=gate, norm=norm
         )
     pool = "mix" if add_maxpool else "avg"
-    return channel_gate_forward(
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, "mlp", act_name, gate_name, choice.backend
-    )[0]
+    return channel_gate(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, "mlp", act_name, gate_name, choice.backend)
 
 
 def channel_attn(
@@ -183,9 +181,7 @@ def channel_attn(
     choice, act_name, gate_name = _gate_plan(x, act, gate)
     if choice.backend == "reference":
         return reference.channel_attn(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool=pool, act=act, gate=gate)
-    return channel_gate_forward(
-        x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, "mlp", act_name, gate_name, choice.backend
-    )[0]
+    return channel_gate(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, "mlp", act_name, gate_name, choice.backend)
 
 
 def _check_scse(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, sse_weight, sse_bias):
@@ -300,7 +296,7 @@ def eca(
     else:
         first, second = (conv_weight, conv_bias), (conv2_weight, conv2_bias)
     mix = "circular_conv" if circular else "conv"
-    return channel_gate_forward(x, *first, *second, "avg", mix, act_name, gate_name, choice.backend)[0]
+    return channel_gate(x, *first, *second, "avg", mix, act_name, gate_name, choice.backend)
 
 
 def _check_pool(pool):

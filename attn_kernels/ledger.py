@@ -327,9 +327,11 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return math.prod(size for size, stride in zip(t.shape, t.stride()) if stride != 0) * t.element_size()
 
 
-# Ops that move no data (allocations, metadata), and ops that write their first argument without reading it.
+# Ops that move no data (allocations, metadata, and _unsafe_view: a view of a fresh tensor that its
+# schema does not mark as one, as matmul's and reshape's results), and ops that write their first
+# argument without reading it.
 _NO_TRAFFIC = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "set_", "detach",
-               "alias", "lift_fresh", "resize_"}
+               "alias", "lift_fresh", "resize_", "_unsafe_view"}
 _WRITE_ONLY_FIRST = {"fill_", "zero_", "copy_"}
 _RUN_FOR_REAL = _NO_TRAFFIC | {"_local_scalar_dense", "item", "nonzero"}
 

@@ -1,111 +1,89 @@
-"""Channel gating as torch.library ops: SE, ECA and CBAM's channel attention, their whole contract here.
+"""Channel gating: SE, ECA and CBAM's channel attention, their whole contract here.
 
     mean, max = pooled over H*W per (n, c)
     g = gate(mix(pooled))       per sample, on (N, C): see ops/excite.py for the `pool` and `mix`
                                 modes (an MLP for SE and CBAM, a conv across channels for ECA)
     y = x * g
 
-Forward:  channel_pool (reads x) -> excite -> channel_gate_apply (reads x, writes y): 3|x|.
-Backward: channel_grad_reduce (reads dy, x) -> excite backward -> channel_gate_apply (reads dy,
-          writes dx): 4|x|; 5|x| when the max is pooled, whose arg-max positions need x again.
+One op call per direction (`channel_gate_forward`, `channel_gate_backward`, defined with
+torch.library and wrapped by the autograd function `ChannelGate`).
+Triton: forward pool_excite (reads x; the last program of each sample computes its gate) ->
+        gate apply (reads x, writes y): 2 launches, 3|x|.
+        backward grad_excite (reads dy, x; the last program of each sample differentiates the
+        excitation) -> the weight gradients summed over N -> gate apply (reads dy, writes dx):
+        3 launches, 4|x|; 5|x| when the max is pooled, whose arg-max positions need x again.
+cuda:   the same passes with the excitation in torch ops between them (csrc/channel_gate.cu).
 Saved for backward: x and the (N, C) statistics; the gate is recomputed from them.
 """
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .excite import excite, excite_backward, uses_max
-from .primitives import acc_dtype, fused_op, primitives
+from .excite import uses_max
+from .primitives import acc_dtype, define_op, primitives
+
+_FORWARD_SCHEMA = (
+    "channel_gate_forward(Tensor x, Tensor? fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+    "str pool, str mix, str act, str gate, str backend) -> (Tensor, Tensor, Tensor)"
+)
+_BACKWARD_SCHEMA = (
+    "channel_gate_backward(Tensor dy, Tensor x, Tensor? fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
+    "Tensor? fc2_bias, Tensor mean, Tensor xmax, str pool, str mix, str act, str gate, str backend) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
 
 
-@fused_op("attn_kernels::channel_gate_forward")
-def channel_gate_forward(
-    x: Tensor,
-    fc1_weight: Optional[Tensor],
-    fc1_bias: Optional[Tensor],
-    fc2_weight: Tensor,
-    fc2_bias: Optional[Tensor],
-    pool: str,
-    mix: str,
-    act: str,
-    gate: str,
-    backend: str,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (y, mean, max): the output and the (N, C) statistics backward needs (max is empty
-    when the pool does not use it)."""
+def _forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, mix, act, gate, backend):
+    """(y, mean, max): the output and the (N, C) statistics backward needs (max is empty when the
+    pool does not use it). Triton: 2 launches, the excitation inside the reduction's kernel."""
+    if backend == "triton":
+        from .. import triton as kernels
+
+        stats, mean, xmax = kernels.pool_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, (pool, mix, act, gate))
+        return kernels.launch_gate_apply(x, stats), mean, xmax
     ops = primitives(backend, x.device)
-    mean, xmax = ops.channel_pool(x, uses_max(pool))
-    g = excite(mix, pool, mean, xmax, fc1_weight, fc1_bias, fc2_weight, fc2_bias, act, gate).gate
-    y = ops.channel_gate_apply(x, g, None, None, None, None)
-    return y, mean, xmax
+    g, mean, xmax = ops.pool_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, mix, act, gate)
+    return ops.channel_gate_apply(x, g, None, None, None, None), mean, xmax
 
 
-@channel_gate_forward.register_fake
-def _(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, mix, act, gate, backend):
+def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, mix, act, gate, backend):
     stats = (x.shape[0], x.shape[1])
     acc = acc_dtype(x.dtype)
     return torch.empty_like(x), x.new_empty(stats, dtype=acc), x.new_empty(stats if uses_max(pool) else (0,), dtype=acc)
 
 
-@fused_op("attn_kernels::channel_gate_backward")
-def channel_gate_backward(
-    dy: Tensor,
-    x: Tensor,
-    fc1_weight: Optional[Tensor],
-    fc1_bias: Optional[Tensor],
-    fc2_weight: Tensor,
-    fc2_bias: Optional[Tensor],
-    mean: Tensor,
-    xmax: Tensor,
-    pool: str,
-    mix: str,
-    act: str,
-    gate: str,
-    backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias); bias gradients are
-    returned even for absent biases, fc1 gradients are empty without fc1_weight (the autograd
-    formula drops them)."""
-    ops = primitives(backend, x.device)
+channel_gate_forward = define_op(_FORWARD_SCHEMA, _forward, _forward_fake)
+
+
+def _backward(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax, pool, mix, act, gate, backend):
+    """(dx, d fc1_weight, d fc1_bias, d fc2_weight, d fc2_bias); absent weights get empty (0,)
+    gradients (the autograd function drops them). Triton: 3 launches."""
     weights = (fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-    e = excite(mix, pool, mean, xmax, *weights, act, gate)
     with_max = uses_max(pool)
-    dot, ties, _ = ops.channel_grad_reduce(dy, x, xmax if with_max else None, False)
-    dmean, dmax, *dweights = excite_backward(mix, pool, e, dot, *weights, act, gate)
-    hw = x.shape[2] * x.shape[3]
-    bias = dmean / hw if dmean is not None else torch.zeros_like(dot)
+    if backend == "triton":
+        from .. import triton as kernels
+
+        stats, dweights = kernels.grad_excite(dy, x, *weights, mean, xmax, (pool, mix, act, gate))
+        N, C = x.shape[:2]
+        dx = kernels.launch_gate_apply(dy, stats, stats, x if with_max else None, xmax if with_max else None,
+                                       stats if with_max else None, stat_plane=N * C)
+        return (dx, *(d if d is not None else mean.new_empty((0,)) for d in dweights))
+    ops = primitives(backend, x.device)
+    g, bias, tie, *dweights = ops.grad_excite(dy, x, *weights, mean, xmax, pool, mix, act, gate)
     if with_max:
-        # amax's gradient is shared equally by tied maxima.
-        dx = ops.channel_gate_apply(dy, e.gate, nan_where_max_is_nan(bias, xmax), x, xmax, dmax / ties)
+        dx = ops.channel_gate_apply(dy, g, bias, x, xmax, tie)
     else:
-        dx = ops.channel_gate_apply(dy, e.gate, bias, None, None, None)
+        dx = ops.channel_gate_apply(dy, g, bias, None, None, None)
     return (dx, *dweights)
 
 
-@channel_gate_backward.register_fake
-def _(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax, pool, mix, act, gate, backend):
-    if fc1_weight is None:
-        dfc1 = (mean.new_empty((0,)), mean.new_empty((0,)))
-    else:
-        dfc1 = (
-            torch.empty_like(fc1_weight),
-            fc1_weight.new_empty(fc1_weight.shape[:1], dtype=fc1_bias.dtype if fc1_bias is not None else None),
-        )
-    return (
-        torch.empty_like(dy),
-        *dfc1,
-        torch.empty_like(fc2_weight),
-        fc2_weight.new_empty(fc2_weight.shape[:1], dtype=fc2_bias.dtype if fc2_bias is not None else None),
-    )
+def _backward_fake(dy, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax, pool, mix, act, gate, backend):
+    return (torch.empty_like(dy), *(torch.empty_like(w) if w is not None else mean.new_empty((0,))
+                                    for w in (fc1_weight, fc1_bias, fc2_weight, fc2_bias)))
 
 
-def _setup_context(ctx, inputs, output):
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, mix, act, gate, backend = inputs
-    _, mean, xmax = output
-    ctx.mark_non_differentiable(mean, xmax)
-    ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax)
-    ctx.config = (pool, mix, act, gate, backend)
+channel_gate_backward = define_op(_BACKWARD_SCHEMA, _backward, _backward_fake)
 
 
 def nan_where_max_is_nan(bias: Tensor, xmax: Tensor) -> Tensor:
@@ -120,23 +98,25 @@ def same_layout_as(t: Tensor, like: Tensor) -> Tensor:
     return t.contiguous(memory_format=torch.contiguous_format if like.is_contiguous() else torch.channels_last)
 
 
-def _backward(ctx, dy, _dmean, _dmax):
-    x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax = ctx.saved_tensors
-    dx, dw1, db1, dw2, db2 = channel_gate_backward(
-        same_layout_as(dy, x), x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax, *ctx.config
-    )
-    return (
-        dx,
-        dw1 if fc1_weight is not None else None,
-        db1 if fc1_bias is not None else None,
-        dw2,
-        db2 if fc2_bias is not None else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
+class ChannelGate(torch.autograd.Function):
+    """The block's autograd: one op call forward, one backward."""
+
+    @staticmethod
+    def forward(ctx, x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, mix, act, gate, backend):
+        y, mean, xmax = channel_gate_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, mix, act, gate,
+                                             backend)
+        ctx.save_for_backward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, mean, xmax)
+        ctx.config = (pool, mix, act, gate, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, *weights, mean, xmax = ctx.saved_tensors
+        dx, *dweights = channel_gate_backward(same_layout_as(dy, x), x, *weights, mean, xmax, *ctx.config)
+        return (dx, *(d if w is not None else None for d, w in zip(dweights, weights)), None, None, None, None, None)
 
 
-channel_gate_forward.register_autograd(_backward, setup_context=_setup_context)
+def channel_gate(x: Tensor, fc1_weight: Optional[Tensor], fc1_bias: Optional[Tensor], fc2_weight: Tensor,
+                 fc2_bias: Optional[Tensor], pool: str, mix: str, act: str, gate: str, backend: str) -> Tensor:
+    """y = x * gate(mix(pool(x))), differentiable in x and every weight."""
+    return ChannelGate.apply(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, pool, mix, act, gate, backend)

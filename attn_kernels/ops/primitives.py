@@ -42,6 +42,24 @@ ATTENTION_POOL_MAX_CHANNELS = 4096
 MAX_PATHS = 4
 
 
+# The namespace of the blocks' ops; ops defined with `define_op` register here.
+library = torch.library.Library("attn_kernels", "FRAGMENT")
+
+
+def define_op(schema: str, impl, fake):
+    """The op `attn_kernels::<schema>` with `impl` for CPU and CUDA tensors and `fake` for fake and
+    meta tensors; its autograd is an autograd.Function around the call (the op has none).
+    The cheapest registration that keeps opcheck, torch.compile(fullgraph=True) and export: a
+    call costs the dispatcher alone, where torch.library.custom_op's wrappers and
+    register_autograd cost tens of microseconds more (ENVIRONMENT.md's host-cost facts)."""
+    name = schema.split("(", 1)[0]
+    library.define(schema)
+    for key in ("CPU", "CUDA"):
+        library.impl(name, impl, key)
+    torch.library.register_fake(f"attn_kernels::{name}", fake, lib=library)
+    return getattr(torch.ops.attn_kernels, name).default
+
+
 def fused_op(name: str):
     """torch.library.custom_op(name) for a block's forward or backward, its body run with autocast
     off: the op chooses its dtypes by hand (float32 statistics and per-(n, c) math, x's dtype in

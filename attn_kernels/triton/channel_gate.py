@@ -22,10 +22,22 @@ import triton
 import triton.language as tl
 
 from ..ops.primitives import acc_dtype
+from .launch import launch
 
 # Programs a reduction grid aims for before it splits H*W; tests raise it to exercise splitting.
 TARGET_PROGRAMS_PER_SM = 4
 _TILE_ELEMENTS = 2048  # elements of x a program holds per loop step
+
+
+def cdiv(a: int, b: int) -> int:
+    """Plain-Python ceil division for the host side (triton.cdiv is a ConstexprFunction, ~3 us a
+    call from the host in triton 3.7)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Plain-Python triton.next_power_of_2, for the host side (see cdiv)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def strides(t: torch.Tensor):
@@ -69,11 +81,11 @@ def tile_shape(t: torch.Tensor):
     C, HW = t.shape[1], t.shape[2] * t.shape[3]
     channels_last = not t.is_contiguous()
     if channels_last:
-        block_c = min(triton.next_power_of_2(C), 256)
-        block_hw = min(triton.next_power_of_2(HW), max(1, _TILE_ELEMENTS // block_c))
+        block_c = min(next_power_of_2(C), 256)
+        block_hw = min(next_power_of_2(HW), max(1, _TILE_ELEMENTS // block_c))
     else:
-        block_hw = min(triton.next_power_of_2(HW), 1024)
-        block_c = min(triton.next_power_of_2(C), max(1, _TILE_ELEMENTS // block_hw))
+        block_hw = min(next_power_of_2(HW), 1024)
+        block_c = min(next_power_of_2(C), max(1, _TILE_ELEMENTS // block_hw))
     return block_c, block_hw
 
 
@@ -93,7 +105,7 @@ def device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _sm_count(t: torch.Tensor) -> int:
+def sm_count(t: torch.Tensor) -> int:
     """The SMs a launch sizes its grid for: the GPU's; on CPU tensors (Triton's interpreter) 1, or
     ATTN_KERNELS_INTERPRETER_SMS (the ledger sets an H100's 132, to count the launches a GPU runs)."""
     if t.is_cuda:
@@ -189,11 +201,11 @@ def split_hw(a: torch.Tensor, block_c: int, block_hw: int):
     split): H*W is split until the grid fills the GPU, in chunks of whole BLOCK_HW tiles."""
     N, C, H, W = a.shape
     HW = H * W
-    tiles = N * triton.cdiv(C, block_c)
-    want = triton.cdiv(TARGET_PROGRAMS_PER_SM * _sm_count(a), tiles)
-    splits = max(1, min(want, triton.cdiv(HW, block_hw)))
-    per_split = triton.cdiv(triton.cdiv(HW, splits), block_hw) * block_hw
-    return tiles, triton.cdiv(HW, per_split), per_split
+    tiles = N * cdiv(C, block_c)
+    want = cdiv(TARGET_PROGRAMS_PER_SM * sm_count(a), tiles)
+    splits = max(1, min(want, cdiv(HW, block_hw)))
+    per_split = cdiv(cdiv(HW, splits), block_hw) * block_hw
+    return tiles, cdiv(HW, per_split), per_split
 
 
 def _reduce(a, b, xmax, grad: bool, second: bool, sum_a: bool = False):
@@ -248,10 +260,12 @@ def channel_grad_reduce(dy: torch.Tensor, x: torch.Tensor, xmax=None, with_dy_su
 @triton.jit
 def _gate_apply_kernel(
     a_ptr, gate_ptr, bias_ptr, x_ptr, xmax_ptr, tie_ptr, out_ptr,
-    C, HW, stride_n, stride_c, stride_hw,
+    C, HW, stride_n, stride_c, stride_hw, stat_plane,
     HAS_BIAS: tl.constexpr, HAS_TIES: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
     # One program per (n, channel tile, H*W tile); the per-(n, c) values are loaded once per tile.
+    # bias and tie sit stat_plane and 2 * stat_plane elements past their pointers (0 for separate
+    # tensors; N*C when gate, bias and tie are the planes of one (3, N, C) tensor).
     pid = tl.program_id(0).to(tl.int64)
     hw_tiles = tl.cdiv(HW, BLOCK_HW)
     c_tiles = tl.cdiv(C, BLOCK_C)
@@ -269,13 +283,41 @@ def _gate_apply_kernel(
     a = tl.load(a_ptr + offsets, mask=mask, other=0).to(acc_ty)
     out = a * tl.load(gate_ptr + stat, mask=c_mask, other=0)[:, None]
     if HAS_BIAS:
-        out += tl.load(bias_ptr + stat, mask=c_mask, other=0)[:, None]
+        out += tl.load(bias_ptr + stat_plane + stat, mask=c_mask, other=0)[:, None]
     if HAS_TIES:
         x = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_ty)
         xmax = tl.load(xmax_ptr + stat, mask=c_mask, other=0)[:, None]
-        tie = tl.load(tie_ptr + stat, mask=c_mask, other=0)[:, None]
+        tie = tl.load(tie_ptr + 2 * stat_plane + stat, mask=c_mask, other=0)[:, None]
         out += tl.where(x == xmax, tie, 0.0)
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+_apply_plans = {}
+
+
+def launch_gate_apply(a, gate, bias=None, x=None, xmax=None, tie_coef=None, stat_plane: int = 0):
+    """out = a*gate + bias + (x == xmax)*tie_coef, unchecked (channel_gate_apply checks); the grid
+    cached per shape, strides, dtype and device."""
+    key = (a.shape, a.stride(), a.dtype, a.device)
+    plan = _apply_plans.get(key)
+    if plan is None:
+        N, C, H, W = a.shape
+        block_c, block_hw = tile_shape(a)
+        plan = ((N * cdiv(C, block_c) * cdiv(H * W, block_hw),), block_c, block_hw,
+                tile_warps(block_c * block_hw, a.dtype))
+        _apply_plans[key] = plan
+    grid, block_c, block_hw, warps = plan
+    out = torch.empty_like(a)
+    if a.numel() == 0:
+        return out
+    ties = xmax is not None
+    with device_guard(a):
+        launch(_gate_apply_kernel, grid,
+               (a, gate, bias if bias is not None else gate, x if ties else a, xmax if ties else gate,
+                tie_coef if ties else gate, out),
+               (a.shape[1], a.shape[2] * a.shape[3], *strides(a), stat_plane),
+               dict(HAS_BIAS=bias is not None, HAS_TIES=ties, BLOCK_C=block_c, BLOCK_HW=block_hw), warps)
+    return out
 
 
 def channel_gate_apply(a, gate, bias=None, x=None, xmax=None, tie_coef=None):
@@ -288,19 +330,6 @@ def channel_gate_apply(a, gate, bias=None, x=None, xmax=None, tie_coef=None):
         raise ValueError(f"{op}(): argument 'bias' is required when 'xmax' is given")
     if ties:
         check_activation(op, "x", x, like=a)
-    N, C, H, W = a.shape
+    N, C = a.shape[:2]
     check_stats(op, a, (N, C), gate=gate, bias=bias, xmax=xmax, tie_coef=tie_coef)
-    out = torch.empty_like(a)
-    if a.numel() == 0:
-        return out
-    HW = H * W
-    block_c, block_hw = tile_shape(a)
-    grid = (N * triton.cdiv(C, block_c) * triton.cdiv(HW, block_hw),)
-    with device_guard(a):
-        _gate_apply_kernel[grid](
-            a, gate, bias if bias is not None else gate, x if ties else a, xmax if ties else gate,
-            tie_coef if ties else gate, out, C, HW, *strides(a),
-            HAS_BIAS=bias is not None, HAS_TIES=ties, BLOCK_C=block_c, BLOCK_HW=block_hw,
-            num_warps=tile_warps(block_c * block_hw, a.dtype),
-        )
-    return out
+    return launch_gate_apply(a, gate, bias, x, xmax, tie_coef)

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from ..ops.primitives import acc_dtype
-from .channel_gate import _sm_count, device_guard
+from .channel_gate import sm_count, device_guard
 
 _PROGRAMS_PER_SM = 4  # the weight gradient splits its N*P pixels until the grid has this many per SM
 
@@ -478,7 +478,7 @@ def _weight_grad(geo, x, offset, mask, dy, has_mask):
     R = geo.Cg * geo.K
     tiles = geo.G * triton.cdiv(geo.Og, geo.block_o) * triton.cdiv(R, geo.block_r)
     pixel_tiles = geo.N * triton.cdiv(geo.P, geo.block_p_weight)
-    splits = max(1, min(pixel_tiles, triton.cdiv(_PROGRAMS_PER_SM * _sm_count(x), tiles)))
+    splits = max(1, min(pixel_tiles, triton.cdiv(_PROGRAMS_PER_SM * sm_count(x), tiles)))
     per_split = triton.cdiv(pixel_tiles, splits)
     splits = triton.cdiv(pixel_tiles, per_split)
     part = torch.empty((splits, geo.O, R), dtype=acc_dtype(x.dtype), device=x.device)

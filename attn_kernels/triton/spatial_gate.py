@@ -24,7 +24,7 @@ import triton.language as tl
 
 from ..ops.primitives import acc_dtype
 from .channel_gate import (
-    TARGET_PROGRAMS_PER_SM, _sm_count, check_activation, check_stats, device_guard, nan_max, nan_maximum, split_hw,
+    TARGET_PROGRAMS_PER_SM, sm_count, check_activation, check_stats, device_guard, nan_max, nan_maximum, split_hw,
     strides, tile_shape, tile_warps,
 )
 
@@ -53,7 +53,7 @@ def split_c(x: torch.Tensor, block_c: int, programs: int):
     is split until the grid fills the GPU (at 2048x7x7 and N = 32, one program per sample would
     leave most SMs idle), in chunks of whole BLOCK_C tiles and at least MIN_SPLIT_C channels."""
     C = x.shape[1]
-    want = triton.cdiv(TARGET_PROGRAMS_PER_SM * _sm_count(x), programs)
+    want = triton.cdiv(TARGET_PROGRAMS_PER_SM * sm_count(x), programs)
     splits = max(1, min(want, triton.cdiv(C, block_c), C // MIN_SPLIT_C))
     per_split = triton.cdiv(triton.cdiv(C, splits), block_c) * block_c
     return triton.cdiv(C, per_split), per_split
@@ -160,7 +160,7 @@ def combine_c_splits(parts, outputs, divisor: float):
     pixels = outputs[0].numel()
     # Pixels per program: spread over the SMs (at 2048x7x7 and N = 32, 1024 per program left 2
     # programs to fold 16 splits), one per thread of 4 warps at least.
-    per_program = triton.cdiv(pixels, TARGET_PROGRAMS_PER_SM * _sm_count(outputs[0]))
+    per_program = triton.cdiv(pixels, TARGET_PROGRAMS_PER_SM * sm_count(outputs[0]))
     block = max(128, min(1024, triton.next_power_of_2(per_program)))
     with_max = len(parts) == 3
     part_first, part_max, part_ties = parts if with_max else parts * 3  # MAX=False reads only the first
