@@ -298,7 +298,7 @@ _apply_plans = {}
 def launch_gate_apply(a, gate, bias=None, x=None, xmax=None, tie_coef=None, stat_plane: int = 0):
     """out = a*gate + bias + (x == xmax)*tie_coef, unchecked (channel_gate_apply checks); the grid
     cached per shape, strides, dtype and device."""
-    key = (a.shape, a.stride(), a.dtype, a.device)
+    key = (*a.shape, *a.stride(), a.dtype, a.device)  # plain ints: torch.Size compares through sym_eq
     plan = _apply_plans.get(key)
     if plan is None:
         N, C, H, W = a.shape

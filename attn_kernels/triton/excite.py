@@ -1,17 +1,18 @@
 """The channel-gate blocks (SE, ECA, CECA, CBAM's channel half) in Triton, their per-sample math in
 the kernels: a forward of 2 launches, a backward of 3.
 
-  pool_excite(x, w1, b1, w2, b2, cfg) -> (stats, mean, max)        1 launch, one read of x
+  pool_excite(x, w1, b1, w2, b2, cfg) -> (gate, mean, max)         1 launch, one read of x
       the H*W reduction of x; the last program of each sample folds the split partials in a fixed
       order and computes the gate from the pooled vector (the MLP or the channel conv, the
-      activation, the gate) into stats[0] (N, C)
-  grad_excite(dy, x, w1, b1, w2, b2, mean, max, cfg) -> (stats, workspace)   1 launch, one read of dy, x
+      activation, the gate) into the first (N, C) plane of its workspace
+  grad_excite(dy, x, w1, b1, w2, b2, mean, max, cfg)
+      -> (stats, weight gradients)                                      2 launches, one read of dy, x
       sum over H*W of dy*x (and the ties of the max); the last program of each sample recomputes
       the gate, differentiates the excitation by hand, and writes the gate, the bias
-      d mean / HW and the tie coefficient d max / ties into stats[0..2]
-  excite_weight_grads(workspace, ...) -> weight gradients                 1 launch
-      sums the per-sample terms of every weight gradient over N in a fixed order
-  gate_apply (channel_gate.channel_gate_apply)                            1 launch
+      d mean / HW and the tie coefficient d max / ties into the first three (N, C) planes of its
+      workspace, and per sample dz and dh; then a kernel sums the per-sample terms of every
+      weight gradient over N in a fixed order
+  gate apply (channel_gate.launch_gate_apply)                           1 launch
       y = x*gate (forward); dx = dy*gate + bias + (x == max)*tie (backward)
 
 "Last program of each sample": every reduction program takes a ticket from a per-sample counter
@@ -277,13 +278,16 @@ def _conv_logits(row_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, c, c_mask, C, R, K, w1
 
 @triton.jit
 def _pool_excite_kernel(
-    x_ptr, mean_ptr, max_ptr, stats_ptr, ws_ptr, ticket_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    x_ptr, mean_ptr, max_ptr, ws_ptr, ticket_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     N, C, HW, R, K, stride_n, stride_c, stride_hw, hw_per_split, splits, w1_s0, w1_s1, w2_s0, w2_s1, w2_s2,
     POOL: tl.constexpr, MIX: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, HAS_FC1: tl.constexpr,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # One program per (n, channel tile, split of H*W): partial sum (and max) of its part of x.
+    # The workspace starts with the gate (N, C), then the partials and the hidden layer.
+    stats_ptr = ws_ptr
+    ws_ptr += N * C
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     c_tiles = tl.cdiv(C, BLOCK_C)
@@ -365,14 +369,17 @@ def _store_bias_and_tie(stats_ptr, ties_ptr, max_ptr, n, c, c_mask, N, C, HW, sp
 
 @triton.jit
 def _grad_excite_kernel(
-    dy_ptr, x_ptr, mean_ptr, max_ptr, stats_ptr, ws_ptr, ticket_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    dy_ptr, x_ptr, mean_ptr, max_ptr, ws_ptr, ticket_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
     N, C, HW, R, K, stride_n, stride_c, stride_hw, hw_per_split, splits, w1_s0, w1_s1, w2_s0, w2_s1, w2_s2,
     POOL: tl.constexpr, MIX: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr, HAS_FC1: tl.constexpr,
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     # One program per (n, channel tile, split of H*W): partial sum of dy*x (d loss / d gate) and
-    # the count of x equal to the max.
+    # the count of x equal to the max. The workspace starts with gate, bias and tie (3, N, C),
+    # then the partials, the hidden layer, dz and dh.
+    stats_ptr = ws_ptr
+    ws_ptr += 3 * N * C
     pid = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
     c_tiles = tl.cdiv(C, BLOCK_C)
@@ -622,7 +629,7 @@ _plans = {}
 def _plan(x: torch.Tensor, width: int) -> ExcitePlan:
     """The plan of a reduction over x whose excitation reads `width` hidden channels, cached
     (with the tuning knobs tests turn, so that turning them takes effect)."""
-    key = (x.shape, x.stride(), x.dtype, x.device, width, channel_gate.TARGET_PROGRAMS_PER_SM,
+    key = (*x.shape, *x.stride(), x.dtype, x.device, width, channel_gate.TARGET_PROGRAMS_PER_SM,
            channel_gate._TILE_ELEMENTS)
     plan = _plans.get(key)
     if plan is None:
@@ -670,11 +677,14 @@ def _constexprs(cfg, w1, b1, b2, plan: ExcitePlan) -> dict:
 
 
 def _workspace(x, plan: ExcitePlan, cfg, R: int, has_fc1: bool, backward: bool):
-    """One flat buffer for the reduction's partials and the per-sample values, and the offsets of
-    the hidden layer, dz and dh in it (as the kernels lay them out)."""
+    """One flat buffer for everything a launch writes but the op does not return, laid out as the
+    kernels lay it out: the (N, C) planes of the apply (forward: the gate; backward: gate, bias,
+    tie), the reduction's partials, the hidden layer, and (backward) dz and dh. Returns it with the
+    offsets of the hidden layer, dz and dh."""
     pool, mix = cfg[0], cfg[1]
     N, C = x.shape[:2]
-    hidden_at = (1 if pool == "avg" else 2) * plan.grid[1] * N * C
+    planes = 3 if backward else 1
+    hidden_at = (planes + (1 if pool == "avg" else 2) * plan.grid[1]) * N * C
     branches = 2 if pool == "avg+max" else 1
     dz_at = hidden_at + (N * branches * R if mix == "mlp" and has_fc1 else 0)
     dh_at = dz_at + N * C
@@ -683,46 +693,45 @@ def _workspace(x, plan: ExcitePlan, cfg, R: int, has_fc1: bool, backward: bool):
 
 
 def pool_excite(x, w1, b1, w2, b2, cfg):
-    """(stats, mean, max): the gate in stats (1, N, C) and the pooled statistics (max empty unless
-    the pool uses it). cfg = (pool, mix, act, gate) as in ops/excite.py; x checked by the caller."""
+    """(gate, mean, max): the gate in the first N*C elements of a workspace (the apply reads it
+    there), the pooled statistics (max empty unless the pool uses it). cfg = (pool, mix, act,
+    gate) as in ops/excite.py; x checked by the caller."""
     (pw1, pb1, pw2, pb2), R, K, weight_strides = _weights(w1, b1, w2, b2)
     N, C, H, W = x.shape
     uses_max = cfg[0] != "avg"
     acc = acc_dtype(x.dtype)
     mean = x.new_empty((N, C), dtype=acc)
     xmax = x.new_empty((N, C) if uses_max else (0,), dtype=acc)
-    stats = x.new_empty((1, N, C), dtype=acc)
     if x.numel() == 0:
-        return stats, mean.zero_(), xmax.zero_()
+        return x.new_empty((N, C), dtype=acc), mean.zero_(), xmax.zero_()
     plan = _plan(x, R)
     ws = _workspace(x, plan, cfg, R, w1 is not None, False)[0]
     with device_guard(x):
         launch(_pool_excite_kernel, plan.grid,
-               (x, mean, xmax if uses_max else mean, stats, ws, _tickets_for(x.device, N), pw1, pb1, pw2, pb2),
+               (x, mean, xmax if uses_max else mean, ws, _tickets_for(x.device, N), pw1, pb1, pw2, pb2),
                (N, C, H * W, R, K, *strides(x), plan.hw_per_split, plan.grid[1], *weight_strides),
                _constexprs(cfg, w1, b1, b2, plan), plan.warps)
-    return stats, mean, xmax
+    return ws, mean, xmax
 
 
 def grad_excite(dy, x, w1, b1, w2, b2, mean, xmax, cfg):
-    """(stats, weight gradients): stats (3, N, C) holds the gate, the bias d mean / HW and the tie
-    coefficient d max / ties of dx = dy*gate + bias + (x == max)*tie; the gradients of w1, b1, w2,
-    b2 in their shapes and dtypes (None for absent weights). dy in x's layout, checked by the caller."""
+    """(stats, weight gradients): stats starts with the (N, C) planes gate, bias (d mean / HW) and
+    tie (d max / ties) of dx = dy*gate + bias + (x == max)*tie; the gradients of w1, b1, w2, b2 in
+    their shapes and dtypes (None for absent weights). dy in x's layout, checked by the caller."""
     (pw1, pb1, pw2, pb2), R, K, weight_strides = _weights(w1, b1, w2, b2)
     N, C, H, W = x.shape
     pool, mix = cfg[0], cfg[1]
     uses_max = pool != "avg"
     grads = [torch.empty_like(t) if t is not None else None for t in (w1, b1, w2, b2)]
-    stats = x.new_empty((3, N, C), dtype=acc_dtype(x.dtype))
     if x.numel() == 0:
-        return stats, [g.zero_() if g is not None else None for g in grads]
+        return x.new_empty((3, N, C), dtype=acc_dtype(x.dtype)), [g.zero_() if g is not None else None for g in grads]
     plan = _plan(x, R)
     ws, hidden_at, dz_at, dh_at = _workspace(x, plan, cfg, R, w1 is not None, True)
     constexprs = _constexprs(cfg, w1, b1, b2, plan)
     gw1, gb1, gw2, gb2 = (g if g is not None else ws for g in grads)
     with device_guard(x):
         launch(_grad_excite_kernel, plan.grid,
-               (dy, x, mean, xmax if uses_max else mean, stats, ws, _tickets_for(x.device, N), pw1, pb1, pw2, pb2),
+               (dy, x, mean, xmax if uses_max else mean, ws, _tickets_for(x.device, N), pw1, pb1, pw2, pb2),
                (N, C, H * W, R, K, *strides(x), plan.hw_per_split, plan.grid[1], *weight_strides),
                constexprs, plan.warps)
         flags = dict(HAS_FC1=w1 is not None, HAS_B1=b1 is not None, HAS_B2=b2 is not None)
@@ -737,4 +746,4 @@ def grad_excite(dy, x, w1, b1, w2, b2, mean, xmax, cfg):
             launch(_conv_weight_grad_kernel, (programs,), (mean, ws, pw1, pb1, gw1, gb1, gw2, gb2),
                    (dz_at, dh_at, N, C, R, K, weight_strides[0], gw1.stride(0) if w1 is not None else 0,
                     gw2.stride(1), gw2.stride(2)), dict(CIRCULAR=mix == "circular_conv", ACT=constexprs["ACT"], **flags, BLOCK_K=plan.block_k), 4)
-    return stats, grads
+    return ws, grads

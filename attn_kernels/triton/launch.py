@@ -42,7 +42,7 @@ def launch(kernel, grid: Tuple[int, ...], tensors: tuple, scalars: tuple, conste
     first = tensors[0]
     device = first.device.index if first.is_cuda else driver.active.get_current_device()
     key = (id(kernel), device, num_warps, *constexprs.values(), *scalars,
-           *[t.dtype for t in tensors], sum(1 << i for i, t in enumerate(tensors) if t.data_ptr() % 16))
+           *[(t.dtype, t.data_ptr() & 15 == 0) for t in tensors])
     compiled = _compiled.get(key)
     if compiled is None:
         if kernel.arg_names[len(tensors) + len(scalars):] != list(constexprs):
