@@ -233,3 +233,28 @@ def init_process_group(rank: int, world_size: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=60))
+
+
+class SkippedTritonLaunches:
+    """A context in which interpreted Triton kernels are recorded, not run: `take()` returns the
+    names of the kernels launched since the last take. For counting launches at real shapes,
+    where running the interpreter would take hours."""
+
+    def __init__(self):
+        self._launched = []
+
+    def __enter__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self._run = InterpretedFunction.run
+        InterpretedFunction.run = lambda fn, *args, grid, warmup, **kwargs: self._launched.append(fn.__name__)
+        return self
+
+    def __exit__(self, *exc):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        InterpretedFunction.run = self._run
+
+    def take(self):
+        launched, self._launched = self._launched, []
+        return launched

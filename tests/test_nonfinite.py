@@ -16,6 +16,7 @@ reduction fails here too; its elementwise tl.maximum propagates NaN where compil
 (without propagate_nan=tl.PropagateNan.ALL): that only the GPU run and the TTIR check
 (attn_kernels.kernel_report) catch.
 """
+import contextlib
 import copy
 
 import pytest
@@ -138,8 +139,9 @@ class SAMTwin(nn.Module):
 
 def sam_pair(spatial):
     # Point-wise SAM keeps its default 1x1 conv: the weight gradient of a padded conv picks up NaN
-    # from the zero padding (0 * NaN) in PyTorch's float64 CPU convolution but not in its float32
-    # one, a difference of PyTorch's own, outside the fused gate.
+    # from the zero padding (0 * NaN) in PyTorch's float64 CPU convolution but not in oneDNN's
+    # float32 one on AVX-512 machines, a difference of PyTorch's own, outside the fused gate (see
+    # _native_cpu_convolution, which now pins the native kernel for both).
     def make():
         torch.manual_seed(0)
         fused = randomized(attn_kernels.FusedSAM(SHAPE[1], spatial=spatial))
@@ -278,6 +280,31 @@ def assert_same_nonfinite(name, got, want):
     torch.testing.assert_close(got[finite], want[finite], rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
+@contextlib.contextmanager
+def _native_cpu_convolution():
+    """oneDNN (mkldnn) off, so that a float32 convolution on CPU runs PyTorch's native kernel
+    (slow_conv2d), the one a float64 convolution always runs (oneDNN takes no float64), on every
+    machine.
+
+    A NaN in a padded conv's output gradient reaches every tap of its weight gradient where the
+    kernel multiplies the zero padding by it (0 * NaN), and only the taps that meet real pixels
+    where the kernel skips the padding. Which of the two happens is PyTorch's implementation
+    choice, not the block's: its native kernel (im2col with explicit zeros) and oneDNN's AVX2 and
+    gemm kernels multiply; oneDNN's AVX-512 backward-weights kernel (jit:avx512_core) skips. Eager
+    runs in float64, always native; the block's float32 convolution on CPU (in the reference, and
+    the aten.convolution_backward of the kernels' backward) took oneDNN. So with a -inf in a 4x5
+    image under the official CBAM's 7x7 spatial conv, whose taps reach past the image, its weight
+    gradient had NaN in all 98 taps from eager and in 51 from the block on an AVX-512 machine, in
+    98 from both on an AVX2 one. Pinned, both sides run the same algorithm everywhere. On a GPU
+    the block's convolution is cuDNN's, which this leaves as it is."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
 def check_block(block, train, backend):
     """Every planting through the block on `backend` vs its eager twin in float64 on CPU."""
     make, _ = BLOCKS[block]
@@ -293,8 +320,10 @@ def check_block(block, train, backend):
                     attn_kernels.functional.at_map_dispatch(args[-1]).backend
             if chosen != backend:
                 pytest.skip(f"{block} has no {backend} kernel")
-        want = step(eager, [a.double().cpu() for a in args])
-        got = step(fused, args, backend)
+        # PyTorch's native CPU convolution on both sides: see _native_cpu_convolution.
+        with _native_cpu_convolution():
+            want = step(eager, [a.double().cpu() for a in args])
+            got = step(fused, args, backend)
         assert got.keys() == want.keys()
         for name in want:
             try:

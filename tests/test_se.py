@@ -3,6 +3,8 @@
 Kernel tests run the 'triton' backend in Triton's interpreter on CPU where there is no GPU, and
 both kernel backends on the GPU where there is one (tests marked `gpu`).
 """
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -10,9 +12,10 @@ from torch import nn
 import attn_kernels
 from attn_kernels import functional as F
 from attn_kernels.ops.channel_gate import channel_gate_backward, channel_gate_forward
+from conftest import require_cpu_backend
 from helpers import (
     FAST_GRADCHECK, check_compiles_without_graph_break, check_kernel_against_reference, make_pair, make_x, run,
-    saved_for_backward, timm_layers,
+    SkippedTritonLaunches, saved_for_backward, timm_layers,
 )
 
 # (description, shape, SE constructor kwargs, x kind): small shapes for the interpreter.
@@ -137,6 +140,113 @@ def test_excitation_in_the_last_program_of_many(block, kwargs, shape, monkeypatc
         assert programs * splits >= 2 * x.shape[0]  # several programs per sample
         check_kernel_against_reference("triton", x, block, kwargs)
     assert not excite._tickets[x.device].any()
+
+
+def emulated_launches(fn):
+    """(kernel name, grid x) of every CUDA-emulation launch fn() makes."""
+    log = torch.ops.attn_kernels_emulated._launch_log
+    log(True)
+    try:
+        fn()
+    finally:
+        lines = log(False).splitlines()
+    return [(line.split("\t")[0], int(line.split("\t")[1].split(",")[0])) for line in lines]
+
+
+@pytest.mark.parametrize("block, kwargs", [("se", {"add_maxpool": True}), ("se", {"rd_channels": 3}),
+                                           ("channel_attn", {}), ("eca", {}), ("eca", {"use_mlp": True}),
+                                           ("ceca", {})], ids=str)
+def test_cuda_excitation_in_the_last_block_of_many(block, kwargs, poisoned):
+    """CUDA (emulated): several blocks per sample (channel tasks and H*W splits), so the last block
+    to take a ticket folds partials written by the others and computes (and differentiates) the
+    excitation from them; float64 against the reference, and the per-sample counters are left
+    at zero for the next launch."""
+    backend = require_cpu_backend("cuda")
+    if torch.cuda.is_available():
+        pytest.skip("emulation test")
+    N = 2
+    for layout in LAYOUTS:
+        x = make_x((N, 24, 23, 25), torch.float64, layout=layout, kind="quantized")
+        launches = emulated_launches(lambda: check_kernel_against_reference(backend, x, block, kwargs))
+        grids = {name.split("<")[0]: grid for name, grid in launches if "excite_kernel" in name}
+        assert grids["pool_excite_kernel"] >= 6 * N and grids["grad_excite_kernel"] >= 6 * N  # blocks per sample
+    assert not torch.ops.attn_kernels_emulated._sample_tickets().any()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("N", [65535, 65536])
+def test_cuda_excitation_at_the_grid_limit(N, layout, monkeypatch, poisoned):
+    """pool_excite and grad_excite with one block per sample: N at and past 65535, the limit of a
+    grid's y and z dimensions (samples run along x, whose limit is 2^31 - 1). The launches are
+    validated whole; only the first and last blocks run (ATTN_KERNELS_EMULATION_GRID=edges), and
+    their samples are checked against the reference excitation, forward and backward."""
+    from attn_kernels.ops.excite import excite, excite_backward
+
+    require_cpu_backend("cuda")
+    if torch.cuda.is_available():
+        pytest.skip("emulation test")
+    ops = torch.ops.attn_kernels_emulated
+    monkeypatch.setenv("ATTN_KERNELS_EMULATION_GRID", "edges")
+    edges = [0, 1, N - 2, N - 1]
+    x = make_x((N, 2, 1, 2), torch.float64, layout=layout, kind="quantized")
+    dy = make_x((N, 2, 1, 2), torch.float64, layout=layout, seed=1)
+    torch.manual_seed(0)
+    w1, b1, w2, b2 = (torch.randn(shape, dtype=torch.float64) for shape in ((1, 2, 1, 1), (1,), (2, 1, 1, 1), (2,)))
+    config = ("avg+max", "mlp", "relu", "sigmoid")
+    gate, mean, xmax = ops.pool_excite(x, w1, b1, w2, b2, *config)
+    x_edges = x[edges]
+    mean_ref, xmax_ref = x_edges.mean((2, 3)), x_edges.amax((2, 3))
+    torch.testing.assert_close(mean[edges], mean_ref, rtol=0, atol=1e-15)
+    assert torch.equal(xmax[edges], xmax_ref)
+    e = excite("mlp", "avg+max", mean_ref, xmax_ref, w1, b1, w2, b2, "relu", "sigmoid")
+    torch.testing.assert_close(gate[edges], e.gate, rtol=1e-14, atol=1e-15)
+
+    gate, bias, tie, *_ = ops.grad_excite(dy, x, w1, b1, w2, b2, mean, xmax, *config)
+    dot = (dy[edges] * x_edges).sum((2, 3))
+    dmean, dmax, *_ = excite_backward("mlp", "avg+max", e, dot, w1, b1, w2, b2, "relu", "sigmoid")
+    ties = (x_edges == xmax_ref[:, :, None, None]).sum((2, 3))
+    torch.testing.assert_close(gate[edges], e.gate, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(bias[edges], dmean / 2, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(tie[edges], dmax / ties, rtol=1e-13, atol=1e-15)
+    assert gate[2:N - 2].isnan().all()  # the blocks that did not run left their output poisoned
+    assert not ops._sample_tickets().any()
+
+
+# The launch budget of issue 26 for the channel-gate blocks: forward <= 2, backward <= 3 (our
+# kernels plus every aten op that launches a kernel on a GPU), every parameter gradient included.
+CHANNEL_GATE_BLOCKS = {
+    "SEModule": lambda c: attn_kernels.FusedSE(c),
+    "SEModule add_maxpool": lambda c: attn_kernels.FusedSE(c, add_maxpool=True),
+    "EffectiveSEModule": lambda c: attn_kernels.FusedEffectiveSE(c),
+    "SqueezeExcite": lambda c: attn_kernels.FusedSqueezeExcite(c),
+    "SqueezeExcitation": lambda c: attn_kernels.FusedSqueezeExcitation(c, c // 4),
+    "EcaModule": lambda c: attn_kernels.FusedECA(c),
+    "EcaModule use_mlp": lambda c: attn_kernels.FusedECA(c, use_mlp=True),
+    "CecaModule": lambda c: attn_kernels.FusedCECA(c),
+    "ChannelAttn": lambda c: attn_kernels.FusedChannelAttn(c),
+}
+RESNET50_STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
+
+
+@pytest.mark.cpu_kernels
+@pytest.mark.parametrize("block", list(CHANNEL_GATE_BLOCKS))
+def test_triton_launch_budget_at_resnet50_shapes(block):
+    """Counted with the kernels recorded, not run, in training mode at every ResNet-50 stage, N = 32
+    and 128, bfloat16 and float32, both layouts."""
+    from attn_kernels.host_cost import count_directions
+
+    for (channels, size), n, dtype, layout in itertools.product(
+            RESNET50_STAGES, (32, 128), (torch.bfloat16, torch.float32), LAYOUTS):
+        fused = CHANNEL_GATE_BLOCKS[block](channels).to(dtype).train()
+        memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.empty(n, channels, size, size, dtype=dtype).to(memory_format=memory_format).requires_grad_()
+        with attn_kernels.use_backend("triton"), SkippedTritonLaunches() as kernels:
+            assert fused.dispatch(x).backend == "triton"
+            fused(x).backward(torch.empty_like(x))  # the first call allocates the per-sample counters
+            counts = count_directions(fused, x, torch.empty_like(x), kernels)
+        case = f"{channels}x{size}x{size} N={n} {dtype} {layout}"
+        assert counts["fwd"]["launches"] <= 2 and counts["fwd"]["kernels"] == 2, (case, counts)
+        assert counts["bwd"]["launches"] <= 3 and counts["bwd"]["kernels"] == 3, (case, counts)
 
 
 # ---- gradients, op contract -----------------------------------------------------------------
