@@ -18,7 +18,7 @@ from .ops.excite import POOLS
 from .ops.attention_transfer import channel_power_mean
 from .ops.gc import gc_forward
 from .ops.primitives import ATTENTION_POOL_MAX_CHANNELS, MAX_PATHS, acc_dtype
-from .ops.scse import scse_forward
+from .ops.scse import scse as scse_op
 from .ops.selective_kernel import selective_kernel_forward
 from .ops.sigmoid_gate import is_spatial, sigmoid_gate_forward
 
@@ -223,7 +223,7 @@ def scse(
     choice = _scse_plan(x)
     if choice.backend == "reference":
         return reference.scse(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, sse_weight, sse_bias)
-    return scse_forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, sse_weight, sse_bias, choice.backend)[0]
+    return scse_op(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, sse_weight, sse_bias, choice.backend)
 
 
 def _check_eca(x, conv_weight, conv_bias, conv2_weight, conv2_bias, circular):

@@ -274,6 +274,30 @@ def _conv_logits(row_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, c, c_mask, C, R, K, w1
     return z
 
 
+@triton.jit
+def _excite_gate(n, mean_ptr, max_ptr, gate_ptr, hid_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, C, R, K,
+                 w1_s0, w1_s1, w2_s0, w2_s1, w2_s2, POOL: tl.constexpr, MIX: tl.constexpr, ACT: tl.constexpr,
+                 GATE: tl.constexpr, HAS_FC1: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """gate[n, :] = gate(mix(p)) from sample n's pooled statistics, which this program wrote
+    (behind a barrier); the MLP's hidden layer goes through hid (N, branches, R)."""
+    BRANCHES: tl.constexpr = 2 if POOL == 2 else 1
+    if MIX == 0 and HAS_FC1:
+        _mlp_hidden(mean_ptr, max_ptr, w1_ptr, b1_ptr, hid_ptr, n, C, R, w1_s0, w1_s1, POOL, BRANCHES, HAS_B1,
+                    BLOCK_K, BLOCK_R)
+        tl.debug_barrier()
+    for c0 in range(0, C, BLOCK_K):
+        k = c0 + tl.arange(0, BLOCK_K)
+        k_mask = k < C
+        if MIX == 0:
+            z = _mlp_logits(mean_ptr, max_ptr, hid_ptr, w2_ptr, b2_ptr, n, k, k_mask, C, R, w2_s0, w2_s1, POOL,
+                            BRANCHES, HAS_FC1, ACT, HAS_B2, BLOCK_K, BLOCK_R)
+        else:
+            z = _conv_logits(mean_ptr + n * C, w1_ptr, b1_ptr, w2_ptr, b2_ptr, k, k_mask, C, R, K, w1_s0, w2_s1,
+                             w2_s2, MIX == 2, HAS_FC1, HAS_B1, ACT, HAS_B2, BLOCK_K)
+        tl.store(gate_ptr + n * C + k, _activation(z, GATE), mask=k_mask)
+
+
 # ---- forward ----------------------------------------------------------------------------------
 
 @triton.jit
@@ -321,22 +345,9 @@ def _pool_excite_kernel(
         if USES_MAX:
             _fold_partials(ws_ptr + splits * N * C, max_ptr, n, N, C, splits, HW, True, BLOCK_K)
         tl.debug_barrier()
-        BRANCHES: tl.constexpr = 2 if POOL == 2 else 1
-        hid_ptr = ws_ptr + (2 if USES_MAX else 1) * splits * N * C
-        if MIX == 0 and HAS_FC1:
-            _mlp_hidden(mean_ptr, max_ptr, w1_ptr, b1_ptr, hid_ptr, n, C, R, w1_s0, w1_s1, POOL, BRANCHES, HAS_B1,
-                        BLOCK_K, BLOCK_R)
-            tl.debug_barrier()
-        for c0 in range(0, C, BLOCK_K):
-            k = c0 + tl.arange(0, BLOCK_K)
-            k_mask = k < C
-            if MIX == 0:
-                z = _mlp_logits(mean_ptr, max_ptr, hid_ptr, w2_ptr, b2_ptr, n, k, k_mask, C, R, w2_s0, w2_s1, POOL,
-                                BRANCHES, HAS_FC1, ACT, HAS_B2, BLOCK_K, BLOCK_R)
-            else:
-                z = _conv_logits(mean_ptr + n * C, w1_ptr, b1_ptr, w2_ptr, b2_ptr, k, k_mask, C, R, K, w1_s0, w2_s1,
-                                 w2_s2, MIX == 2, HAS_FC1, HAS_B1, ACT, HAS_B2, BLOCK_K)
-            tl.store(stats_ptr + n * C + k, _activation(z, GATE), mask=k_mask)
+        _excite_gate(n, mean_ptr, max_ptr, stats_ptr, ws_ptr + (2 if USES_MAX else 1) * splits * N * C, w1_ptr,
+                     b1_ptr, w2_ptr, b2_ptr, C, R, K, w1_s0, w1_s1, w2_s0, w2_s1, w2_s2, POOL, MIX, ACT, GATE,
+                     HAS_FC1, HAS_B1, HAS_B2, BLOCK_K, BLOCK_R)
 
 
 # ---- backward ---------------------------------------------------------------------------------
@@ -365,6 +376,104 @@ def _store_bias_and_tie(stats_ptr, ties_ptr, max_ptr, n, c, c_mask, N, C, HW, sp
         ties = _fold_chunk(ties_ptr, n, c, c_mask, N, C, splits, False, BLOCK_K)
         tl.store(stats_ptr + 2 * N * C + row, dmax / tl.where(c_mask, ties, 1.0), mask=c_mask)
     tl.store(stats_ptr + N * C + row, bias, mask=c_mask)
+
+
+@triton.jit
+def _excite_backward(n, mean_ptr, max_ptr, stats_ptr, part_ptr, ties_ptr, hid_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                     N, C, HW, R, K, splits, w1_s0, w1_s1, w2_s0, w2_s1, w2_s2,
+                     POOL: tl.constexpr, MIX: tl.constexpr, ACT: tl.constexpr, GATE: tl.constexpr,
+                     HAS_FC1: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Sample n's excitation differentiated, from the split partials of d loss / d gate (and of the
+    max's ties) in part and ties: gate, bias and tie into stats' planes 0, 1, 2 (N, C); hid
+    (N, branches, R), then dz (N, C) and dh (N, R; N, R, C for the channel conv) for the weight
+    gradients."""
+    BRANCHES: tl.constexpr = 2 if POOL == 2 else 1
+    acc_ty = mean_ptr.dtype.element_ty
+    if MIX == 0 and HAS_FC1:
+        dz_ptr = hid_ptr + N * BRANCHES * R
+        _mlp_hidden(mean_ptr, max_ptr, w1_ptr, b1_ptr, hid_ptr, n, C, R, w1_s0, w1_s1, POOL, BRANCHES, HAS_B1,
+                    BLOCK_K, BLOCK_R)
+        tl.debug_barrier()
+    else:
+        dz_ptr = hid_ptr
+    dh_ptr = dz_ptr + N * C
+    # The gate, and dz = d loss / d logits.
+    for c0 in range(0, C, BLOCK_K):
+        k = c0 + tl.arange(0, BLOCK_K)
+        k_mask = k < C
+        if MIX == 0:
+            z = _mlp_logits(mean_ptr, max_ptr, hid_ptr, w2_ptr, b2_ptr, n, k, k_mask, C, R, w2_s0, w2_s1, POOL,
+                            BRANCHES, HAS_FC1, ACT, HAS_B2, BLOCK_K, BLOCK_R)
+        else:
+            z = _conv_logits(mean_ptr + n * C, w1_ptr, b1_ptr, w2_ptr, b2_ptr, k, k_mask, C, R, K, w1_s0, w2_s1,
+                             w2_s2, MIX == 2, HAS_FC1, HAS_B1, ACT, HAS_B2, BLOCK_K)
+        tl.store(stats_ptr + n * C + k, _activation(z, GATE), mask=k_mask)
+        dgate = _fold_chunk(part_ptr, n, k, k_mask, N, C, splits, False, BLOCK_K)
+        tl.store(dz_ptr + n * C + k, _activation_backward(dgate, z, GATE), mask=k_mask)
+    tl.debug_barrier()
+    if MIX == 0:
+        # dh = W2^T dz over the width W2 reads (rd_channels; C without fc1), the same for
+        # every branch; then d p_b = W1^T act'(h_b) dh, or dh itself without fc1.
+        for r0 in range(0, R, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = r < R
+            dh = tl.zeros([BLOCK_R], dtype=acc_ty)
+            for c0 in range(0, C, BLOCK_K):
+                k = c0 + tl.arange(0, BLOCK_K)
+                k_mask = k < C
+                w = tl.load(w2_ptr + k[:, None] * w2_s0 + r[None, :] * w2_s1,
+                            mask=k_mask[:, None] & r_mask[None, :], other=0).to(acc_ty)
+                dz = tl.load(dz_ptr + n * C + k, mask=k_mask, other=0)
+                dh += tl.sum(w * dz[:, None], axis=0)
+            tl.store(dh_ptr + n * R + r, dh, mask=r_mask)
+        tl.debug_barrier()
+        for c0 in range(0, C, BLOCK_K):
+            k = c0 + tl.arange(0, BLOCK_K)
+            k_mask = k < C
+            if HAS_FC1:
+                dp0 = tl.zeros([BLOCK_K], dtype=acc_ty)
+                dp1 = tl.zeros([BLOCK_K], dtype=acc_ty)
+                for r0 in range(0, R, BLOCK_R):
+                    r = r0 + tl.arange(0, BLOCK_R)
+                    r_mask = r < R
+                    w = tl.load(w1_ptr + r[:, None] * w1_s0 + k[None, :] * w1_s1,
+                                mask=r_mask[:, None] & k_mask[None, :], other=0).to(acc_ty)
+                    dh = tl.load(dh_ptr + n * R + r, mask=r_mask, other=0)
+                    h0 = tl.load(hid_ptr + (n * BRANCHES) * R + r, mask=r_mask, other=0)
+                    dp0 += tl.sum(w * _activation_backward(dh, h0, ACT)[:, None], axis=0)
+                    if BRANCHES == 2:
+                        h1 = tl.load(hid_ptr + (n * BRANCHES + 1) * R + r, mask=r_mask, other=0)
+                        dp1 += tl.sum(w * _activation_backward(dh, h1, ACT)[:, None], axis=0)
+            else:
+                dp0 = tl.load(dh_ptr + n * C + k, mask=k_mask, other=0)
+                dp1 = dp0
+            _store_bias_and_tie(stats_ptr, ties_ptr, max_ptr, n, k, k_mask, N, C, HW, splits, dp0, dp1, POOL,
+                                BLOCK_K)
+    else:
+        # The channel conv's transpose: dh_r[c] = sum over taps j of w2[r, j] dz[c - j + K//2];
+        # with fc1 the maps' gradients dh_pre (N, R, C) are kept for w1's gradient.
+        for c0 in range(0, C, BLOCK_K):
+            k = c0 + tl.arange(0, BLOCK_K)
+            k_mask = k < C
+            dp = tl.zeros([BLOCK_K], dtype=acc_ty)
+            for r in range(R):
+                dh = tl.zeros([BLOCK_K], dtype=acc_ty)
+                for j in range(K):
+                    src, valid = _conv_source(k, k_mask, -j, -(K // 2), C, MIX == 2)
+                    dh += tl.load(w2_ptr + r * w2_s1 + j * w2_s2).to(acc_ty) * tl.load(
+                        dz_ptr + n * C + src, mask=valid, other=0)
+                if HAS_FC1:
+                    _, h_pre = _conv_hidden(mean_ptr + n * C, w1_ptr, b1_ptr, k, k_mask, r, w1_s0, HAS_FC1, HAS_B1,
+                                            ACT)
+                    dh = _activation_backward(dh, h_pre, ACT)
+                    tl.store(dh_ptr + (n * R + r) * C + k, dh, mask=k_mask)
+                    dp += tl.load(w1_ptr + r * w1_s0).to(acc_ty) * dh
+                else:
+                    dp = dh
+            _store_bias_and_tie(stats_ptr, ties_ptr, max_ptr, n, k, k_mask, N, C, HW, splits, dp, dp, POOL,
+                                BLOCK_K)
+
 
 
 @triton.jit
@@ -413,92 +522,10 @@ def _grad_excite_kernel(
     tl.debug_barrier()
     if tl.atomic_add(ticket_ptr + n, 1) == c_tiles * splits - 1:
         tl.store(ticket_ptr + n, 0)
-        BRANCHES: tl.constexpr = 2 if POOL == 2 else 1
-        ties_ptr = ws_ptr + splits * N * C
-        hid_ptr = ws_ptr + (2 if USES_MAX else 1) * splits * N * C
-        if MIX == 0 and HAS_FC1:
-            dz_ptr = hid_ptr + N * BRANCHES * R
-            _mlp_hidden(mean_ptr, max_ptr, w1_ptr, b1_ptr, hid_ptr, n, C, R, w1_s0, w1_s1, POOL, BRANCHES, HAS_B1,
-                        BLOCK_K, BLOCK_R)
-            tl.debug_barrier()
-        else:
-            dz_ptr = hid_ptr
-        dh_ptr = dz_ptr + N * C
-        # The gate, and dz = d loss / d logits.
-        for c0 in range(0, C, BLOCK_K):
-            k = c0 + tl.arange(0, BLOCK_K)
-            k_mask = k < C
-            if MIX == 0:
-                z = _mlp_logits(mean_ptr, max_ptr, hid_ptr, w2_ptr, b2_ptr, n, k, k_mask, C, R, w2_s0, w2_s1, POOL,
-                                BRANCHES, HAS_FC1, ACT, HAS_B2, BLOCK_K, BLOCK_R)
-            else:
-                z = _conv_logits(mean_ptr + n * C, w1_ptr, b1_ptr, w2_ptr, b2_ptr, k, k_mask, C, R, K, w1_s0, w2_s1,
-                                 w2_s2, MIX == 2, HAS_FC1, HAS_B1, ACT, HAS_B2, BLOCK_K)
-            tl.store(stats_ptr + n * C + k, _activation(z, GATE), mask=k_mask)
-            dgate = _fold_chunk(ws_ptr, n, k, k_mask, N, C, splits, False, BLOCK_K)
-            tl.store(dz_ptr + n * C + k, _activation_backward(dgate, z, GATE), mask=k_mask)
-        tl.debug_barrier()
-        if MIX == 0:
-            # dh = W2^T dz over the width W2 reads (rd_channels; C without fc1), the same for
-            # every branch; then d p_b = W1^T act'(h_b) dh, or dh itself without fc1.
-            for r0 in range(0, R, BLOCK_R):
-                r = r0 + tl.arange(0, BLOCK_R)
-                r_mask = r < R
-                dh = tl.zeros([BLOCK_R], dtype=acc_ty)
-                for c0 in range(0, C, BLOCK_K):
-                    k = c0 + tl.arange(0, BLOCK_K)
-                    k_mask = k < C
-                    w = tl.load(w2_ptr + k[:, None] * w2_s0 + r[None, :] * w2_s1,
-                                mask=k_mask[:, None] & r_mask[None, :], other=0).to(acc_ty)
-                    dz = tl.load(dz_ptr + n * C + k, mask=k_mask, other=0)
-                    dh += tl.sum(w * dz[:, None], axis=0)
-                tl.store(dh_ptr + n * R + r, dh, mask=r_mask)
-            tl.debug_barrier()
-            for c0 in range(0, C, BLOCK_K):
-                k = c0 + tl.arange(0, BLOCK_K)
-                k_mask = k < C
-                if HAS_FC1:
-                    dp0 = tl.zeros([BLOCK_K], dtype=acc_ty)
-                    dp1 = tl.zeros([BLOCK_K], dtype=acc_ty)
-                    for r0 in range(0, R, BLOCK_R):
-                        r = r0 + tl.arange(0, BLOCK_R)
-                        r_mask = r < R
-                        w = tl.load(w1_ptr + r[:, None] * w1_s0 + k[None, :] * w1_s1,
-                                    mask=r_mask[:, None] & k_mask[None, :], other=0).to(acc_ty)
-                        dh = tl.load(dh_ptr + n * R + r, mask=r_mask, other=0)
-                        h0 = tl.load(hid_ptr + (n * BRANCHES) * R + r, mask=r_mask, other=0)
-                        dp0 += tl.sum(w * _activation_backward(dh, h0, ACT)[:, None], axis=0)
-                        if BRANCHES == 2:
-                            h1 = tl.load(hid_ptr + (n * BRANCHES + 1) * R + r, mask=r_mask, other=0)
-                            dp1 += tl.sum(w * _activation_backward(dh, h1, ACT)[:, None], axis=0)
-                else:
-                    dp0 = tl.load(dh_ptr + n * C + k, mask=k_mask, other=0)
-                    dp1 = dp0
-                _store_bias_and_tie(stats_ptr, ties_ptr, max_ptr, n, k, k_mask, N, C, HW, splits, dp0, dp1, POOL,
-                                    BLOCK_K)
-        else:
-            # The channel conv's transpose: dh_r[c] = sum over taps j of w2[r, j] dz[c - j + K//2];
-            # with fc1 the maps' gradients dh_pre (N, R, C) are kept for w1's gradient.
-            for c0 in range(0, C, BLOCK_K):
-                k = c0 + tl.arange(0, BLOCK_K)
-                k_mask = k < C
-                dp = tl.zeros([BLOCK_K], dtype=acc_ty)
-                for r in range(R):
-                    dh = tl.zeros([BLOCK_K], dtype=acc_ty)
-                    for j in range(K):
-                        src, valid = _conv_source(k, k_mask, -j, -(K // 2), C, MIX == 2)
-                        dh += tl.load(w2_ptr + r * w2_s1 + j * w2_s2).to(acc_ty) * tl.load(
-                            dz_ptr + n * C + src, mask=valid, other=0)
-                    if HAS_FC1:
-                        _, h_pre = _conv_hidden(mean_ptr + n * C, w1_ptr, b1_ptr, k, k_mask, r, w1_s0, HAS_FC1, HAS_B1,
-                                                ACT)
-                        dh = _activation_backward(dh, h_pre, ACT)
-                        tl.store(dh_ptr + (n * R + r) * C + k, dh, mask=k_mask)
-                        dp += tl.load(w1_ptr + r * w1_s0).to(acc_ty) * dh
-                    else:
-                        dp = dh
-                _store_bias_and_tie(stats_ptr, ties_ptr, max_ptr, n, k, k_mask, N, C, HW, splits, dp, dp, POOL,
-                                    BLOCK_K)
+        _excite_backward(n, mean_ptr, max_ptr, stats_ptr, ws_ptr, ws_ptr + splits * N * C,
+                         ws_ptr + (2 if USES_MAX else 1) * splits * N * C, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+                         N, C, HW, R, K, splits, w1_s0, w1_s1, w2_s0, w2_s1, w2_s2, POOL, MIX, ACT, GATE,
+                         HAS_FC1, HAS_B1, HAS_B2, BLOCK_K, BLOCK_R)
 
 
 @triton.jit
