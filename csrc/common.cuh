@@ -5,6 +5,7 @@
 //   dev_ptr<T>            a kernel's pointer parameter: T* __restrict__, or a bounds-checked pointer
 //   device_ptr<T>(t, n)   the host's pointer to tensor t's data, named n for error messages
 //   load_pack/store_pack  vector (16-byte) memory access
+//   load_written          a load of what other blocks of the launch wrote
 //   AK_SHARED, AK_DYNAMIC_SHARED   shared memory arrays
 //   launch<kernel>(...)   a kernel launch, checked
 //   DeviceGuard, on_kernel_device, num_sms   the device the kernels run on
@@ -135,6 +136,18 @@ dev_ptr<T> device_ptr(const at::Tensor* t, const char* name) {
 template <typename T>
 dev_ptr<T> device_ptr(const at::Tensor& t, const char* name) {
   return device_ptr<T>(&t, name);
+}
+
+// Element i of a buffer that this launch writes (a partial result of another block, a value of
+// this block stored before a barrier): loaded from L2, past the SM's L1, which does not see other
+// SMs' writes. Under the emulation memory is coherent, and the access is counted as a read.
+template <typename T>
+__device__ __forceinline__ std::remove_const_t<T> load_written(dev_ptr<T> p, int64_t i) {
+#ifdef AK_EMULATION
+  return dev_ptr<const T>(p)[i];
+#else
+  return __ldcg(p + i);
+#endif
 }
 
 // Launches kKernel on the current stream (or under the emulation), failing loudly on an

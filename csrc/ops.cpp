@@ -24,6 +24,19 @@ AK_TORCH_LIBRARY(AK_LIBRARY, m) {
   m.def(
       "channel_gate_apply(Tensor a, Tensor gate, Tensor? bias, Tensor? x, Tensor? xmax, "
       "Tensor? tie_coef) -> Tensor");
+  // The channel-gate blocks' forward (csrc/excite.cu): mean (and max, unless pool is 'avg') of x
+  // over H*W per (n, c), and gate = gate(mix(pooled)) with the modes of attn_kernels/ops/excite.py;
+  // all three in float32 (float64 for float64 x), xmax empty without the max.
+  m.def(
+      "pool_excite(Tensor x, Tensor? fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, str pool, "
+      "str mix, str act, str gate) -> (Tensor gate, Tensor mean, Tensor xmax)");
+  // Its backward, from dy: gate, bias and tie_coef of dx = channel_gate_apply(dy, gate, bias, x, xmax,
+  // tie_coef) (tie_coef empty without the max), and the weights' gradients in their shapes and
+  // dtypes (empty for absent weights).
+  m.def(
+      "grad_excite(Tensor dy, Tensor x, Tensor? fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+      "Tensor mean, Tensor xmax, str pool, str mix, str act, str gate) -> (Tensor gate, Tensor bias, "
+      "Tensor tie_coef, Tensor dfc1_weight, Tensor dfc1_bias, Tensor dfc2_weight, Tensor dfc2_bias)");
   // Attention pooling (GC): context = sum over H*W of softmax(weight . x + bias) * x per (n, c),
   // and the log-sum-exp of the logits per n.
   m.def("attention_pool(Tensor x, Tensor weight, Tensor bias) -> (Tensor context, Tensor lse)");

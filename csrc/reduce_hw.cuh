@@ -81,18 +81,14 @@ struct Accumulator {
   }
 };
 
-// NCHW: one warp per (row = n*C + c, split); the row's H*W elements are contiguous.
+// NCHW: one warp per (row = n*C + c, split); the row's H*W elements are contiguous. The warp
+// writes the partial results of its split of the row.
 template <Reduce kMode, bool kSecond, typename scalar_t, typename acc_t>
-__global__ void reduce_nchw_kernel(dev_ptr<const scalar_t> a, dev_ptr<const scalar_t> b,
-                                   dev_ptr<const acc_t> xmax, PixelTerms<acc_t> terms,
-                                   dev_ptr<acc_t> part_first, dev_ptr<acc_t> part_second,
-                                   int64_t rows, int64_t C, int64_t cols, int64_t cols_per_split,
-                                   int64_t splits) {
-  const int64_t task = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (task >= rows * splits) return;  // whole warps leave together
-  const int64_t row = task / splits;
-  const int64_t split = task - row * splits;
+__device__ __forceinline__ void reduce_nchw_row(dev_ptr<const scalar_t> a, dev_ptr<const scalar_t> b,
+                                                dev_ptr<const acc_t> xmax, const PixelTerms<acc_t>& terms,
+                                                dev_ptr<acc_t> part_first, dev_ptr<acc_t> part_second, int64_t rows,
+                                                int64_t C, int64_t cols, int64_t cols_per_split, int64_t row,
+                                                int64_t split, int lane) {
   const int64_t begin = split * cols_per_split;
   const int64_t end = min(cols, begin + cols_per_split);
   const auto a_row = a + row * cols;
@@ -120,19 +116,28 @@ __global__ void reduce_nchw_kernel(dev_ptr<const scalar_t> a, dev_ptr<const scal
   }
 }
 
-// NHWC: a block of kTileC channels x kTileHW pixel lanes per (n, channel tile, split); a warp
-// reads kTileC consecutive channels of one pixel.
 template <Reduce kMode, bool kSecond, typename scalar_t, typename acc_t>
-__global__ void reduce_nhwc_kernel(dev_ptr<const scalar_t> a, dev_ptr<const scalar_t> b,
+__global__ void reduce_nchw_kernel(dev_ptr<const scalar_t> a, dev_ptr<const scalar_t> b,
                                    dev_ptr<const acc_t> xmax, PixelTerms<acc_t> terms,
                                    dev_ptr<acc_t> part_first, dev_ptr<acc_t> part_second,
-                                   int64_t N, int64_t C, int64_t HW, int64_t hw_per_split, int64_t splits) {
-  const int64_t c_tiles = (C + kTileC - 1) / kTileC;
-  int64_t block = blockIdx.x;
-  const int64_t split = block % splits;
-  block /= splits;
-  const int64_t c_tile = block % c_tiles;
-  const int64_t n = block / c_tiles;
+                                   int64_t rows, int64_t C, int64_t cols, int64_t cols_per_split,
+                                   int64_t splits) {
+  const int64_t task = int64_t(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
+  if (task >= rows * splits) return;  // whole warps leave together
+  const int64_t row = task / splits;
+  reduce_nchw_row<kMode, kSecond, scalar_t>(a, b, xmax, terms, part_first, part_second, rows, C, cols,
+                                            cols_per_split, row, task - row * splits, threadIdx.x % 32);
+}
+
+// NHWC: a block of kTileC channels x kTileHW pixel lanes per (n, channel tile, split); a warp
+// reads kTileC consecutive channels of one pixel. Every thread of the block takes part (it holds
+// a barrier); the partial results of the tile's split are written by the threads of threadIdx.y 0.
+template <Reduce kMode, bool kSecond, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void reduce_nhwc_tile(dev_ptr<const scalar_t> a, dev_ptr<const scalar_t> b,
+                                                 dev_ptr<const acc_t> xmax, const PixelTerms<acc_t>& terms,
+                                                 dev_ptr<acc_t> part_first, dev_ptr<acc_t> part_second, int64_t N,
+                                                 int64_t C, int64_t HW, int64_t hw_per_split, int64_t n,
+                                                 int64_t c_tile, int64_t split) {
   const int64_t c = c_tile * kTileC + threadIdx.x;
   const int64_t begin = split * hw_per_split;
   const int64_t end = min(HW, begin + hw_per_split);
@@ -159,18 +164,29 @@ __global__ void reduce_nhwc_kernel(dev_ptr<const scalar_t> a, dev_ptr<const scal
   }
 }
 
-// Runs one reduction pass and returns (first, second) of shape (N, C); second is empty unless
-// kSecond. Splits are chosen so that the grid fills the GPU even when N*C is small.
-template <Reduce kMode, bool kSecond>
-std::tuple<at::Tensor, at::Tensor> reduce_pass(const at::Tensor& a, const at::Tensor& b,
-                                               const at::Tensor& xmax, Layout layout,
-                                               const std::array<at::Tensor, 4>& pixel_terms = {}) {
-  const int64_t N = a.size(0), C = a.size(1), HW = a.size(2) * a.size(3);
-  const auto acc_dtype = at::toAccumulateType(a.scalar_type(), true);
-  const auto stat_options = a.options().dtype(acc_dtype);
-  const int sms = num_sms();
+template <Reduce kMode, bool kSecond, typename scalar_t, typename acc_t>
+__global__ void reduce_nhwc_kernel(dev_ptr<const scalar_t> a, dev_ptr<const scalar_t> b,
+                                   dev_ptr<const acc_t> xmax, PixelTerms<acc_t> terms,
+                                   dev_ptr<acc_t> part_first, dev_ptr<acc_t> part_second,
+                                   int64_t N, int64_t C, int64_t HW, int64_t hw_per_split, int64_t splits) {
+  const int64_t c_tiles = (C + kTileC - 1) / kTileC;
+  int64_t block = blockIdx.x;
+  const int64_t split = block % splits;
+  block /= splits;
+  reduce_nhwc_tile<kMode, kSecond, scalar_t>(a, b, xmax, terms, part_first, part_second, N, C, HW, hw_per_split,
+                                             block / c_tiles, block % c_tiles, split);
+}
 
-  int64_t splits, per_split;
+// How a pass splits H*W so that the grid fills the GPU even when N*C is small: `splits` parts of
+// `per_split` elements (NCHW) or pixels (NHWC), none empty.
+struct HwSplit {
+  int64_t splits;
+  int64_t per_split;
+};
+
+inline HwSplit split_hw(Layout layout, int64_t N, int64_t C, int64_t HW) {
+  const int sms = num_sms();
+  int64_t splits;
   if (layout == Layout::kNCHW) {
     const int64_t rows = N * C;
     const int64_t want = (int64_t(sms) * 64 + rows - 1) / rows;           // warps to fill the GPU
@@ -180,8 +196,21 @@ std::tuple<at::Tensor, at::Tensor> reduce_pass(const at::Tensor& a, const at::Te
     const int64_t want = (int64_t(sms) * 8 + tiles - 1) / tiles;          // blocks to fill the GPU
     splits = std::max<int64_t>(1, std::min(want, (HW + 63) / 64));       // >= 64 pixels each
   }
-  per_split = (HW + splits - 1) / splits;
-  splits = (HW + per_split - 1) / per_split;
+  const int64_t per_split = (HW + splits - 1) / splits;
+  return {(HW + per_split - 1) / per_split, per_split};
+}
+
+// Runs one reduction pass and returns (first, second) of shape (N, C); second is empty unless
+// kSecond.
+template <Reduce kMode, bool kSecond>
+std::tuple<at::Tensor, at::Tensor> reduce_pass(const at::Tensor& a, const at::Tensor& b,
+                                               const at::Tensor& xmax, Layout layout,
+                                               const std::array<at::Tensor, 4>& pixel_terms = {}) {
+  const int64_t N = a.size(0), C = a.size(1), HW = a.size(2) * a.size(3);
+  const auto acc_dtype = at::toAccumulateType(a.scalar_type(), true);
+  const auto stat_options = a.options().dtype(acc_dtype);
+  const HwSplit split = split_hw(layout, N, C, HW);
+  const int64_t splits = split.splits, per_split = split.per_split;
 
   at::Tensor part_first = at::empty({splits, N, C}, stat_options);
   at::Tensor part_second = kSecond ? at::empty({splits, N, C}, stat_options) : at::empty({0}, stat_options);

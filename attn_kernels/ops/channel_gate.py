@@ -6,13 +6,13 @@
     y = x * g
 
 One op call per direction (`channel_gate_forward`, `channel_gate_backward`, defined with
-torch.library and wrapped by the autograd function `ChannelGate`).
-Triton: forward pool_excite (reads x; the last program of each sample computes its gate) ->
-        gate apply (reads x, writes y): 2 launches, 3|x|.
-        backward grad_excite (reads dy, x; the last program of each sample differentiates the
-        excitation) -> the weight gradients summed over N -> gate apply (reads dy, writes dx):
-        3 launches, 4|x|; 5|x| when the max is pooled, whose arg-max positions need x again.
-cuda:   the same passes with the excitation in torch ops between them (csrc/channel_gate.cu).
+torch.library and wrapped by the autograd function `ChannelGate`), the same kernels on both
+backends (triton/excite.py, csrc/excite.cu):
+forward:  pool_excite (reads x; the last program of each sample computes its gate) -> gate apply
+          (reads x, writes y): 2 launches, 3|x|.
+backward: grad_excite (reads dy, x; the last program of each sample differentiates the excitation)
+          -> the weight gradients summed over N -> gate apply (reads dy, writes dx): 3 launches,
+          4|x|; 5|x| when the max is pooled, whose arg-max positions need x again.
 Saved for backward: x and the (N, C) statistics; the gate is recomputed from them.
 """
 from typing import Optional

@@ -340,11 +340,12 @@ std::vector<ThreadOrder> thread_orders() {
   return orders;
 }
 
-// The block indices a launch runs along a grid dimension of `size`: all of them, or with
-// ATTN_KERNELS_EMULATION_GRID=edges only the first two and the last two, for tests of launches
-// at the grid's limits (the other blocks' outputs are left unwritten), or with =none none (the
-// launch is validated and logged: the ledger's launch configurations at shapes too large to run).
-std::vector<unsigned> block_indices(unsigned size) {
+// The block indices a launch runs along a grid dimension of `size`, in the order's sequence
+// (ascending, descending, shuffled): all of them, or with ATTN_KERNELS_EMULATION_GRID=edges only
+// the first two and the last two, for tests of launches at the grid's limits (the other blocks'
+// outputs are left unwritten), or with =none none (the launch is validated and logged: the
+// ledger's launch configurations at shapes too large to run).
+std::vector<unsigned> block_indices(unsigned size, const ThreadOrder& order, std::mt19937_64& rng) {
   const char* env = std::getenv("ATTN_KERNELS_EMULATION_GRID");
   const std::string mode = env ? env : "";
   if (!mode.empty() && mode != "all" && mode != "edges" && mode != "none") {
@@ -355,6 +356,8 @@ std::vector<unsigned> block_indices(unsigned size) {
     if (mode == "edges" && i == 2 && size > 4) i = size - 2;
     indices.push_back(i);
   }
+  if (order.order == Order::kReverse) std::reverse(indices.begin(), indices.end());
+  if (order.order == Order::kRandom) std::shuffle(indices.begin(), indices.end(), rng);
   return indices;
 }
 
@@ -513,9 +516,9 @@ void launch(const std::string& kernel, dim3 grid, dim3 block, size_t dynamic_sha
     traffic.take();
     traffic.on = k == 0 && logging_launches;  // counting costs a lookup per access: only for the ledger
     try {
-      for (unsigned z : block_indices(grid.z)) {
-        for (unsigned y : block_indices(grid.y)) {
-          for (unsigned x : block_indices(grid.x)) {
+      for (unsigned z : block_indices(grid.z, orders[k], rng)) {
+        for (unsigned y : block_indices(grid.y, orders[k], rng)) {
+          for (unsigned x : block_indices(grid.x, orders[k], rng)) {
             b.block_idx = {x, y, z};
             b.in_block = true;
             run_block(b, orders[k], rng);

@@ -3,8 +3,13 @@
 //
 // - a launch runs the grid one block at a time; a block's threads are cooperative fibers that
 //   switch only at __syncthreads() and warp shuffles, in an order that is a parameter (forward,
-//   reverse, seeded random). Every launch runs under at least two orders and fails unless their
-//   results are bitwise identical: a result that depends on the order of threads is a race.
+//   reverse, seeded random), which also orders the blocks (grid order, reversed, shuffled). Every
+//   launch runs under at least two orders and fails unless their results are bitwise identical: a
+//   result that depends on the order of threads, or of blocks, is a race.
+// - atomicAdd on int is a plain read-modify-write, and __threadfence() does nothing: a block runs
+//   alone and switches threads only at barriers and shuffles, so nothing can come between the
+//   read and the write, and every write is seen by every later read. Which block or thread draws
+//   which value follows the order, so a result that depends on it fails as a race.
 // - __syncthreads() is a barrier of all the block's threads: reached by only some of them, or at
 //   two different places, it is an error (undefined behaviour on the GPU), as is a deadlock.
 // - __shfl_xor_sync exchanges values among the lanes named in its mask, all of which must be
@@ -265,6 +270,16 @@ void launch_kernel(dim3 grid, dim3 block, size_t dynamic_shared_bytes, Args&&...
 inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
   ak_emu::barrier(file, line);
 }
+
+inline int atomicAdd(ak_emu::CheckedPtr<int> address, int value) {
+  int* p = address.element(0, 1, alignof(int));
+  address.touch(false, 0, 1);
+  const int old = *p;
+  *p = old + value;
+  return old;
+}
+
+inline void __threadfence() {}
 
 template <typename T>
 inline T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = ak_emu::kWarpSize,
