@@ -137,10 +137,11 @@ def _grad_excite_kernel(
     tl.debug_barrier()
     if tl.atomic_add(ticket_ptr + n, 1) == splits - 1:
         tl.store(ticket_ptr + n, 0)
+        # (names of its own: Triton types a variable alike before and inside a runtime if)
         total = tl.zeros([BLOCK_HW], dtype=acc_ty)
-        for start in range(0, HW, BLOCK_HW):
-            hw = start + tl.arange(0, BLOCK_HW)
-            total += tl.load(dl_ptr + n * HW + hw, mask=hw < HW, other=0, cache_modifier=".cg")
+        for first_pixel in range(0, HW, BLOCK_HW):
+            pixels = first_pixel + tl.arange(0, BLOCK_HW)
+            total += tl.load(dl_ptr + n * HW + pixels, mask=pixels < HW, other=0, cache_modifier=".cg")
         tl.store(dl_ptr + N * HW + n, tl.sum(total, axis=0))
         _excite_backward(n, mean_ptr, mean_ptr, ws_ptr, part_ptr, part_ptr, part_ptr + splits * N * C, w1_ptr, b1_ptr,
                          w2_ptr, b2_ptr, N, C, HW, R, 1, splits, w1_s0, w1_s1, w2_s0, w2_s1, 0, POOL=0, MIX=0,
