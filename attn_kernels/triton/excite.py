@@ -44,9 +44,10 @@ POOL_CODES = {"avg": 0, "mix": 1, "avg+max": 2, "max": 3}
 MIX_CODES = {"mlp": 0, "conv": 1, "circular_conv": 2}
 ACT_CODES = {"identity": 0, "relu": 1, "relu6": 2, "silu": 3, "gelu": 4, "tanh": 5, "sigmoid": 6,
              "hard_sigmoid": 7, "hard_swish": 8}
-_ONE_SIXTH = float(torch.tensor(1 / 6, dtype=torch.float32))  # as PyTorch's hardsigmoid backward
-_INV_SQRT2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
+# Globals a kernel reads must be constexprs (the interpreter takes any; a compile refuses others).
+_ONE_SIXTH = tl.constexpr(float(torch.tensor(1 / 6, dtype=torch.float32)))  # as PyTorch's hardsigmoid backward
+_INV_SQRT2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 
 
 # ---- activations, as attn_kernels.activations computes them (NaN and inf included) -------------
