@@ -44,14 +44,27 @@ AK_TORCH_LIBRARY(AK_LIBRARY, m) {
   m.def(
       "attention_pool_backward(Tensor dy, Tensor x, Tensor? gate, Tensor context, Tensor dcontext, "
       "Tensor weight, Tensor bias, Tensor lse) -> (Tensor dx, Tensor dweight)");
-  // scSE: sum over H*W per (n, c) and the weighted sum over C per pixel of t = a*b (a without b;
-  // a plain sum without weight).
-  m.def("scse_reduce(Tensor a, Tensor? b, Tensor? weight) -> (Tensor channel_sum, Tensor pixel_sum)");
-  // a*(gc[n, c] + gs[n, p]), plus cbias[n, c] + pcoef[n, p]*weight[c] and d weight = sum pcoef*x
-  // in the backward (x, cbias, pcoef, weight all given).
+  // scSE's forward (csrc/scse.cu): cSE's gate gc = sigmoid(fc2(relu(fc1(mean)))) and the mean of x
+  // over H*W per (n, c), and sSE's logits = sse_weight . x[n, :, p] + sse_bias per pixel (N, H*W);
+  // all in float32 (float64 for float64 x).
   m.def(
-      "scse_apply(Tensor a, Tensor gc, Tensor gs, Tensor? x, Tensor? cbias, Tensor? pcoef, Tensor? weight) "
-      "-> (Tensor out, Tensor dweight)");
+      "scse_pool_excite(Tensor x, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, Tensor? fc2_bias, "
+      "Tensor sse_weight, Tensor? sse_bias) -> (Tensor gate, Tensor mean, Tensor logits)");
+  // Its backward, from dy: gate, cbias (N, C), dlogits (N, H*W) and their per-sample sums (N,) for
+  // scse_apply's backward, and cSE's weight gradients in their shapes and dtypes (empty for absent
+  // biases).
+  m.def(
+      "scse_grad_excite(Tensor dy, Tensor x, Tensor mean, Tensor logits, Tensor fc1_weight, Tensor? fc1_bias, "
+      "Tensor fc2_weight, Tensor? fc2_bias) -> (Tensor gate, Tensor cbias, Tensor dlogits, Tensor dlogit_sums, "
+      "Tensor dfc1_weight, Tensor dfc1_bias, Tensor dfc2_weight, Tensor dfc2_bias)");
+  // a*(gate[n, c] + sigmoid(logits[n, p])) in a's dtype and layout; in the backward (x, cbias,
+  // dlogits, dlogit_sums and sse_weight given) plus cbias[n, c] + dlogits[n, p]*sse_weight[c], with
+  // d sse_weight = sum dlogits*x and d sse_bias = sum dlogit_sums in the weights' dtypes (empty when
+  // not asked for).
+  m.def(
+      "scse_apply(Tensor a, Tensor gate, Tensor logits, Tensor? x, Tensor? cbias, Tensor? dlogits, "
+      "Tensor? dlogit_sums, Tensor? sse_weight, Tensor? sse_bias) -> (Tensor out, Tensor dsse_weight, "
+      "Tensor dsse_bias)");
   // Over C per pixel: mean and max of u = x*ca (x without ca) and the count of u tying the max.
   m.def("spatial_pool(Tensor x, Tensor? ca) -> (Tensor mean, Tensor max, Tensor ties)");
   // sum_c dy*u per pixel, and sum_hw dy*x*sa per channel (empty without ca).

@@ -95,26 +95,42 @@ def test_attention_pool_over_many_tiles_and_splits(ops, layout, poisoned):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_scse_primitives_over_many_tiles_and_splits(ops, layout, poisoned):
     """scSE's pixel tile (csrc/scse.cu) where each block walks several tiles and H*W is split: the
-    per-pixel sums, the per-channel sums the host combines over splits, and the backward's d weight;
-    exact to rounding in float64."""
-    N, C = 64, 5
+    per-pixel logits and d logits, the mean and d gc folded over the splits by each sample's last
+    block, and the backward's d sse_weight and d sse_bias folded by the apply's last block; exact to
+    rounding in float64 against the formulas written out."""
+    N, C, HW = 64, 5, 32 * 32
     x = make_x((N, C, 32, 32), torch.float64, layout=layout)
     dy = make_x((N, C, 32, 32), torch.float64, layout=layout, seed=1)
-    weight = torch.randn(C, dtype=torch.float64)
-    channel_sum, pixel_sum = ops.scse_reduce(x, None, weight)
-    torch.testing.assert_close(channel_sum, x.sum((2, 3)), rtol=1e-13, atol=1e-12)
-    torch.testing.assert_close(pixel_sum, torch.einsum("nchw,c->nhw", x, weight).reshape(N, -1), rtol=1e-13, atol=1e-12)
-    dgc, dgs = ops.scse_reduce(dy, x, None)
-    torch.testing.assert_close(dgc, (dy * x).sum((2, 3)), rtol=1e-13, atol=1e-12)
-    torch.testing.assert_close(dgs, (dy * x).sum(1).reshape(N, -1), rtol=1e-13, atol=1e-12)
-    gc, gs = torch.rand(N, C, dtype=torch.float64), torch.rand(N, 32 * 32, dtype=torch.float64)
-    cbias, pcoef = torch.randn(N, C, dtype=torch.float64), torch.randn(N, 32 * 32, dtype=torch.float64)
-    dx, dweight = ops.scse_apply(dy, gc, gs, x, cbias, pcoef, weight)
+    g = torch.Generator().manual_seed(0)
+    w1, b1, w2, b2, sw, sb = (torch.randn(shape, generator=g, dtype=torch.float64)
+                              for shape in ((2, C, 1, 1), (2,), (C, 2, 1, 1), (C,), (1, C, 1, 1), (1,)))
     pixel = lambda v: v.reshape(N, 1, 32, 32)  # noqa: E731
-    expected = dy * (gc[:, :, None, None] + pixel(gs)) + cbias[:, :, None, None] + pixel(pcoef) * weight[:, None, None]
+    channel = lambda v: v[:, :, None, None]  # noqa: E731
+
+    gate, mean, logits = ops.scse_pool_excite(x, w1, b1, w2, b2, sw, sb)
+    torch.testing.assert_close(mean, x.mean((2, 3)), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(logits, (x * sw).sum(1).reshape(N, HW) + sb, rtol=1e-13, atol=1e-12)
+    m = mean.clone().requires_grad_()
+    gc = torch.sigmoid(torch.relu(m @ w1[:, :, 0, 0].t() + b1) @ w2[:, :, 0, 0].t() + b2)
+    torch.testing.assert_close(gate, gc.detach(), rtol=1e-13, atol=1e-13)
+    gs = logits.sigmoid()
+    y, dsw, dsb = ops.scse_apply(x, gate, logits, None, None, None, None, None, None)
+    torch.testing.assert_close(y, x * (channel(gate) + pixel(gs)), rtol=1e-13, atol=1e-13)
+    assert y.stride() == x.stride() and dsw.numel() == 0 and dsb.numel() == 0
+
+    gate2, cbias, dlogits, dlogit_sums, *_ = ops.scse_grad_excite(dy, x, mean, logits, w1, b1, w2, b2)
+    assert torch.equal(gate2, gate)
+    torch.testing.assert_close(dlogits, (dy * x).sum(1).reshape(N, HW) * gs * (1 - gs), rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(dlogit_sums, dlogits.sum(1), rtol=1e-13, atol=1e-12)
+    gc.backward((dy * x).sum((2, 3)))
+    torch.testing.assert_close(cbias, m.grad / HW, rtol=1e-12, atol=1e-13)
+    dx, dsw, dsb = ops.scse_apply(dy, gate, logits, x, cbias, dlogits, dlogit_sums, sw, sb)
+    expected = dy * (channel(gate) + pixel(gs)) + channel(cbias) + pixel(dlogits) * sw
     torch.testing.assert_close(dx, expected, rtol=1e-13, atol=1e-12)
     assert dx.stride() == x.stride()
-    torch.testing.assert_close(dweight, (x * pixel(pcoef)).sum((0, 2, 3)), rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(dsw, (x * pixel(dlogits)).sum((0, 2, 3)).reshape(1, C, 1, 1), rtol=1e-13, atol=1e-12)
+    torch.testing.assert_close(dsb, dlogit_sums.sum().reshape(1), rtol=1e-13, atol=1e-12)
+    assert not ops._sample_tickets().any()
 
 
 @pytest.mark.parametrize("N", [65535, 65536])

@@ -138,11 +138,12 @@ def test_one_image_of_more_than_2_to_the_31_elements(backend):
     ops = primitives(backend)
     x = torch.empty(shape, dtype=torch.bfloat16, device="cuda").uniform_(-1, 1)
     x[0, -1].fill_(0.5)  # the last plane, past 2^31
-    weight = torch.zeros(2050, device="cuda")
-    weight[-1] = 1.0
-    channel_sum, pixel_sum = ops.scse_reduce(x, None, weight)
-    assert channel_sum[0, -1].item() == 0.5 * 2**20
-    assert torch.equal(pixel_sum, torch.full_like(pixel_sum, 0.5))  # the last channel's plane alone
+    sse_weight = torch.zeros(1, 2050, 1, 1, device="cuda")
+    sse_weight[0, -1] = 1.0
+    mlp = (torch.zeros(1, 2050, 1, 1, device="cuda"), None, torch.zeros(2050, 1, 1, 1, device="cuda"), None)
+    _, mean, logits = ops.scse_pool_excite(x, *mlp, sse_weight, None)  # (gate or planes, mean, logits)
+    assert mean[0, -1].item() == 0.5
+    assert torch.equal(logits, torch.full_like(logits, 0.5))  # the last channel's plane alone
     context, _ = ops.attention_pool(x, torch.zeros(2050, device="cuda"), torch.zeros(1, device="cuda"))
     assert abs(context[0, -1].item() - 0.5) < 1e-6
 

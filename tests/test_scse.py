@@ -15,6 +15,7 @@ import attn_kernels
 from attn_kernels import functional as F
 from attn_kernels import reference
 from attn_kernels.ops.scse import scse_backward, scse_forward
+from conftest import require_cpu_backend
 from helpers import assert_close_to_reference, check_empty_batch, make_x
 from patchable import SCSEModule
 
@@ -77,10 +78,13 @@ def test_kernel_matches_reference_float64(shape, layout, bias, poisoned, cpu_ker
                           if bias else ["y", "dx", "fc1_weight", "fc2_weight", "sse_weight"], expected, got):
         torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12, msg=name)
     assert got[0].stride() == x.stride() and got[1].stride() == x.stride()  # no hidden layout change
-    if cpu_kernel_backend == "triton":  # the per-sample counters are left at zero for the next launch
+    # the per-sample counters are left at zero for the next launch
+    if cpu_kernel_backend == "triton":
         from attn_kernels.triton import excite
 
         assert not excite._tickets[x.device].any()
+    else:
+        assert not torch.ops.attn_kernels_emulated._sample_tickets().any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -271,3 +275,113 @@ def test_triton_launch_budget_at_resnet50_shapes():
         case = f"{channels}x{size}x{size} N={n} {dtype} {layout}"
         assert counts["fwd"]["launches"] <= 2 and counts["fwd"]["kernels"] == 2, (case, counts)
         assert counts["bwd"]["launches"] <= 3 and counts["bwd"]["kernels"] == 3, (case, counts)
+
+
+@pytest.mark.cpu_kernels
+def test_cuda_launch_budget_at_resnet50_shapes():
+    """Issue 26's budget for scSE on the cuda backend: forward <= 2 launches, backward <= 3 (our
+    kernels plus every aten op that launches on a GPU), every weight's gradient included; counted
+    under the CUDA emulation with the launches validated and logged and no block run
+    (host_cost.emulated_cuda_launches), at every ResNet-50 stage, N = 32 and 128, bf16 and fp32,
+    both layouts."""
+    import itertools
+
+    from attn_kernels.host_cost import count_directions, emulated_cuda_launches
+
+    require_cpu_backend("cuda")
+    if torch.cuda.is_available():
+        pytest.skip("emulation test")
+    for (channels, size), n, dtype, layout in itertools.product(
+            [(256, 56), (512, 28), (1024, 14), (2048, 7)], (32, 128), (torch.bfloat16, torch.float32), LAYOUTS):
+        fused = attn_kernels.FusedSCSE(channels).to(dtype).train()
+        memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.empty(n, channels, size, size, dtype=dtype).to(memory_format=memory_format).requires_grad_()
+        with attn_kernels.use_backend("cuda"), emulated_cuda_launches() as kernels:
+            assert fused.dispatch(x).backend == "cuda"
+            fused(x).backward(torch.empty_like(x))  # the first call allocates the per-sample counters
+            counts = count_directions(fused, x, torch.empty_like(x), kernels)
+        case = f"{channels}x{size}x{size} N={n} {dtype} {layout}"
+        assert counts["fwd"]["launches"] <= 2 and counts["fwd"]["kernels"] == 2, (case, counts)
+        assert counts["bwd"]["launches"] <= 3 and counts["bwd"]["kernels"] == 3, (case, counts)
+
+
+def emulated_launches(fn):
+    """(kernel name, grid x) of every CUDA-emulation launch fn() makes."""
+    log = torch.ops.attn_kernels_emulated._launch_log
+    log(True)
+    try:
+        fn()
+    finally:
+        lines = log(False).splitlines()
+    return [(line.split("\t")[0].split("<")[0], int(line.split("\t")[1].split(",")[0])) for line in lines]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_last_block_of_many_per_sample(layout, poisoned):
+    """CUDA (emulated): several blocks per sample (H*W splits), so the last block of each sample to
+    take a ticket folds partials written by the others and runs cSE's MLP (forward) and its
+    derivative (backward), and the apply's last block of the grid folds d sse_weight and d sse_bias;
+    float64 against the reference with every weight gradient, and the counters left at zero."""
+    require_cpu_backend("cuda")
+    if torch.cuda.is_available():
+        pytest.skip("emulation test")
+    N, shape = 2, (2, 24, 23, 25)
+    x = make_x(shape, torch.float64, layout=layout, kind="quantized")
+    dy = make_x(shape, torch.float64, layout=layout, seed=1)
+    ws = weights(shape[1])
+    expected = scse_step(x, ws, dy, "reference")
+    got = []
+    launches = emulated_launches(lambda: got.extend(scse_step(x, ws, dy, "cuda")))
+    grids = dict(launches)
+    assert [name for name, _ in launches] == ["scse_pool_excite_kernel", "scse_apply_kernel",
+                                              "scse_grad_excite_kernel", "mlp_weight_grad_kernel",
+                                              "scse_apply_kernel"]
+    assert grids["scse_pool_excite_kernel"] >= 4 * N and grids["scse_grad_excite_kernel"] >= 4 * N
+    for name, e, g in zip(["y", "dx", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias", "sse_weight", "sse_bias"],
+                          expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12, msg=name)
+    assert not torch.ops.attn_kernels_emulated._sample_tickets().any()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("N", [65535, 65536])
+def test_cuda_at_the_grid_limit(N, layout, monkeypatch, poisoned):
+    """scse_pool_excite, scse_grad_excite and scse_apply with one block per sample: N at and past
+    65535, the limit of a grid's y and z dimensions (samples run along x, whose limit is 2^31 - 1).
+    The launches are validated whole; only the first and last blocks run
+    (ATTN_KERNELS_EMULATION_GRID=edges), and their samples are checked against the reference. The
+    backward's apply is only validated (=none): its ticket counts the whole grid, which a partial
+    run would leave unfinished; its blocks index x as the forward's apply does."""
+    require_cpu_backend("cuda")
+    if torch.cuda.is_available():
+        pytest.skip("emulation test")
+    ops = torch.ops.attn_kernels_emulated
+    monkeypatch.setenv("ATTN_KERNELS_EMULATION_GRID", "edges")
+    edges = [0, 1, N - 2, N - 1]
+    x = make_x((N, 2, 1, 2), torch.float64, layout=layout, kind="quantized")
+    dy = make_x((N, 2, 1, 2), torch.float64, layout=layout, seed=1)
+    ws = weights(2, reduction=2)
+    gate, mean, logits = ops.scse_pool_excite(x, *ws)
+    y, _, _ = ops.scse_apply(x, gate, logits, None, None, None, None, None, None)
+    x_edges = x[edges].detach().clone().requires_grad_()
+    y_ref = reference.scse(x_edges, *ws)
+    torch.testing.assert_close(y[edges], y_ref, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(mean[edges], x[edges].mean((2, 3)), rtol=0, atol=1e-15)
+    logits_ref = (x[edges] * ws[4]).sum(1).reshape(4, -1) + ws[5]
+    torch.testing.assert_close(logits[edges], logits_ref, rtol=1e-14, atol=1e-15)
+
+    gate, cbias, dlogits, dlogit_sums, *_ = ops.scse_grad_excite(dy, x, mean, logits, *ws[:4])
+    gs = logits_ref.sigmoid()
+    dlogits_ref = (dy[edges] * x[edges]).sum(1).reshape(4, -1) * gs * (1 - gs)
+    torch.testing.assert_close(dlogits[edges], dlogits_ref, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(dlogit_sums[edges], dlogits[edges].sum(1), rtol=0, atol=0)
+    # cbias = d mean / HW: x's gradient through cSE alone, at a pixel, less its other terms
+    y_ref.backward(dy[edges])
+    dx_rest = dy[edges] * (gate[edges][:, :, None, None] + gs.reshape(4, 1, 1, 2)) + \
+        dlogits_ref.reshape(4, 1, 1, 2) * ws[4]
+    torch.testing.assert_close(cbias[edges][:, :, None, None].expand_as(x_edges), x_edges.grad - dx_rest,
+                               rtol=1e-12, atol=1e-14)
+    assert gate[2:N - 2].isnan().all()  # the blocks that did not run left their output poisoned
+    monkeypatch.setenv("ATTN_KERNELS_EMULATION_GRID", "none")
+    ops.scse_apply(dy, gate, logits, x, cbias, dlogits, dlogit_sums, *ws[4:])
+    assert not ops._sample_tickets().any()

@@ -10,8 +10,9 @@ Forward:  a reduction (reads x once: the per-channel sums of the mean and the pe
           together) -> the (N, C) MLP and the (N, H*W) sigmoid -> the apply (reads x, writes y): 3|x|.
 Backward: a reduction of dy and x (sum_p dy*x for gc, sum_c dy*x for gs) -> both gates' small
           backward -> the apply (reads dy and x, writes dx, and sums d w from the same read of x): 5|x|.
-Triton (triton/scse.py): the small math inside the kernels, 2 launches forward and 3 backward.
-cuda (csrc/scse.cu): the small math in torch ops between the kernels.
+Both kernel backends, Triton (triton/scse.py) and cuda (csrc/scse.cu), keep the small math inside
+the kernels: the last block (program) of each sample folds its partials and runs cSE's MLP or its
+backward, so no torch op runs between the launches: 2 launches forward, 3 backward.
 Eager PyTorch (segmentation_models_pytorch's SCSEModule) moves 9|x| forward and 24|x| backward
 (the ledger's count at 256x56x56; the fused op: 3.1|x| and 5.3|x|). Saved for backward: x, the
 (N, C) mean and the (N, H*W) logits (eager: x, both gates, the ReLU's output). The math runs in float32 (float64
@@ -23,7 +24,6 @@ import torch
 from torch import Tensor
 
 from .channel_gate import same_layout_as
-from .excite import excite, excite_backward
 from .primitives import acc_dtype, define_op, primitives
 
 _FORWARD_SCHEMA = (
@@ -37,17 +37,6 @@ _BACKWARD_SCHEMA = (
 )
 
 
-def _spatial_weights(x: Tensor, sse_weight: Tensor) -> Tensor:
-    """sSE's (1, C, 1, 1) conv weight as the CUDA kernels take it: (C,), in the accumulator dtype."""
-    return sse_weight.reshape(-1).to(acc_dtype(x.dtype)).contiguous()
-
-
-def _gates(mean, logits, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
-    """(the cSE excitation, gs (N, H*W)) from the pooled mean and the spatial logits."""
-    e = excite("mlp", "avg", mean, None, fc1_weight, fc1_bias, fc2_weight, fc2_bias, "relu", "sigmoid")
-    return e, torch.sigmoid(logits)
-
-
 def _forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, sse_weight, sse_bias, backend):
     """(y, mean (N, C), logits (N, H*W)), the last two in the accumulator dtype."""
     if backend == "triton":
@@ -57,15 +46,8 @@ def _forward(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, sse_weight, sse_bias
                                                         sse_bias)
         return kernels.scse_apply(x, planes)[0], mean, logits
     ops = primitives(backend, x.device)
-    with torch.autocast(x.device.type, enabled=False):  # the small math picks its dtypes by hand
-        HW = x.shape[2] * x.shape[3]
-        channel_sum, logits = ops.scse_reduce(x, None, _spatial_weights(x, sse_weight))
-        mean = channel_sum / HW
-        if sse_bias is not None:
-            logits = logits + sse_bias.to(logits.dtype)
-        e, gs = _gates(mean, logits, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
-        y, _ = ops.scse_apply(x, e.gate.contiguous(), gs, None, None, None, None)
-    return y, mean, logits
+    gate, mean, logits = ops.scse_pool_excite(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, sse_weight, sse_bias)
+    return ops.scse_apply(x, gate, logits, None, None, None, None, None, None)[0], mean, logits
 
 
 def _forward_fake(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, sse_weight, sse_bias, backend):
@@ -88,16 +70,8 @@ def _backward(dy, x, mean, logits, fc1_weight, fc1_bias, fc2_weight, fc2_bias, s
         dx, dws, dbs = kernels.scse_apply(dy, planes, x, sse_weight, sse_bias)
     else:
         ops = primitives(backend, x.device)
-        with torch.autocast(x.device.type, enabled=False):
-            HW = x.shape[2] * x.shape[3]
-            e, gs = _gates(mean, logits, *weights)
-            dgc, dgs = ops.scse_reduce(dy, x, None)
-            dmean, _, *dweights = excite_backward("mlp", "avg", e, dgc, *weights, "relu", "sigmoid")
-            dlogits = dgs * (gs * (1 - gs))
-            weight = _spatial_weights(x, sse_weight)
-            dx, dws = ops.scse_apply(dy, e.gate.contiguous(), gs, x, (dmean / HW).contiguous(), dlogits, weight)
-            dws = dws.reshape(sse_weight.shape).to(sse_weight.dtype)
-            dbs = dlogits.sum().reshape(1).to(sse_bias.dtype) if sse_bias is not None else None
+        gate, cbias, dlogits, dlogit_sums, *dweights = ops.scse_grad_excite(dy, x, mean, logits, *weights)
+        dx, dws, dbs = ops.scse_apply(dy, gate, logits, x, cbias, dlogits, dlogit_sums, sse_weight, sse_bias)
     return (dx, *(d if w is not None else mean.new_empty((0,)) for d, w in zip(dweights, weights)), dws,
             dbs if sse_bias is not None else mean.new_empty((0,)))
 
