@@ -16,7 +16,7 @@ from .ops.deform_conv import deform_conv2d_forward
 from .ops.channel_gate import channel_gate
 from .ops.excite import POOLS
 from .ops.attention_transfer import channel_power_mean
-from .ops.gc import gc_forward
+from .ops import gc as gc_ops
 from .ops.primitives import ATTENTION_POOL_MAX_CHANNELS, MAX_PATHS, acc_dtype
 from .ops.scse import scse as scse_op
 from .ops.selective_kernel import selective_kernel_forward
@@ -477,8 +477,7 @@ def gc(
     if choice.backend == "reference":
         return reference.gc(x, attn_weight, attn_bias, scale, add, scale_eps=scale_eps, add_eps=add_eps, act=act,
                             gate=gate)
-    return gc_forward(x, attn_weight, attn_bias, scale, add, scale_eps, add_eps, act_name, gate_name,
-                      choice.backend)[0]
+    return gc_ops.gc(x, attn_weight, attn_bias, scale, add, scale_eps, add_eps, act_name, gate_name, choice.backend)
 
 
 TRITON_ONLY = ("triton",)  # the kernel backends of the blocks below with a kernel of their own

@@ -5,18 +5,23 @@
     t(ctx)  = fc2(act(LayerNorm(fc1(ctx))))                     a transform, per sample, on (N, C)
     y = x * gate(t_scale(context)) + t_add(context)             either term may be absent
 
-Forward:  attention_pool (reads x; one pass, online softmax) or channel_pool -> transforms ->
-          channel_gate_apply (reads x, writes y): 3|x|.
-Backward: channel_grad_reduce (reads dy, x: sum dy*x for the scale, sum dy for the add; dy alone
-          without the scale) -> transforms' backward -> attention_pool_backward (reads dy, x,
-          writes dx) or, for 'avg', channel_gate_apply (reads dy, writes dx): at most 5|x|.
+One op call per direction (`gc_forward`, `gc_backward`, defined with torch.library and wrapped
+by the autograd function `GC`).
+Forward:  the pooling (reads x; one pass, online softmax for 'att') -> transforms -> the apply
+          (reads x, writes y): 3|x|.
+Backward: the reduction (reads dy, x: sum dy*x for the scale, sum dy for the add) -> transforms'
+          backward -> the attention backward (reads dy, x, writes dx) or, for 'avg', the gate apply
+          (reads dy, writes dx): at most 5|x|.
+Triton (triton/gc.py): the per-sample math inside the kernels, 2 launches forward and 3 backward,
+every gradient included. cuda (csrc/attention_pool.cu, channel_gate.cu): the transforms, the
+split folds and their backward in torch ops between the kernels.
 Saved for backward: x, the (N, C) context and the (N,) log-sum-exp of the logits.
 
 A transform's weights come as a list [fc1_weight, fc1_bias, ln_weight, ln_bias, fc2_weight,
 fc2_bias] (1x1-conv weights (R, C, 1, 1) and (C, R, 1, 1); LayerNorm over the R hidden units);
 an empty list means the term is absent. The transforms run in float32 (float64 for float64 x).
 """
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -24,7 +29,7 @@ from torch import Tensor
 from ..activations import ACTIVATIONS
 from .channel_gate import same_layout_as
 from .excite import linear, matrix
-from .primitives import acc_dtype, fused_op, primitives
+from .primitives import acc_dtype, define_op, primitives
 
 
 class Transform(NamedTuple):
@@ -74,126 +79,134 @@ def _attention_weights(x: Tensor, attn_weight: Tensor, attn_bias: Optional[Tenso
     return weight, bias
 
 
-@fused_op("attn_kernels::gc_forward")
-def gc_forward(
-    x: Tensor,
-    attn_weight: Optional[Tensor],
-    attn_bias: Optional[Tensor],
-    scale_weights: List[Tensor],
-    add_weights: List[Tensor],
-    scale_eps: float,
-    add_eps: float,
-    act: str,
-    gate: str,
-    backend: str,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (y, context, lse): the output, the (N, C) context and, for 'att' pooling, the (N,)
-    log-sum-exp of the attention logits (empty for 'avg')."""
+_FORWARD_SCHEMA = (
+    "gc_forward(Tensor x, Tensor? attn_weight, Tensor? attn_bias, Tensor[] scale_weights, Tensor[] add_weights, "
+    "float scale_eps, float add_eps, str act, str gate, str backend) -> (Tensor, Tensor, Tensor)"
+)
+_BACKWARD_SCHEMA = (
+    "gc_backward(Tensor dy, Tensor x, Tensor? attn_weight, Tensor? attn_bias, Tensor[] scale_weights, "
+    "Tensor[] add_weights, Tensor context, Tensor lse, float scale_eps, float add_eps, str act, str gate, "
+    "str backend) -> (Tensor, Tensor, Tensor, Tensor[], Tensor[])"
+)
+
+
+def _forward(x, attn_weight, attn_bias, scale_weights, add_weights, scale_eps, add_eps, act, gate, backend):
+    """(y, context, lse): the output, the (N, C) context and, for 'att' pooling, the (N,)
+    log-sum-exp of the attention logits (empty for 'avg'). Triton: 2 launches."""
+    if backend == "triton":
+        from .. import triton as kernels
+
+        planes, context, lse = kernels.gc_pool_transform(x, attn_weight, attn_bias, scale_weights, add_weights,
+                                                         scale_eps, add_eps, act, gate)
+        return kernels.gc_apply(x, planes, bool(add_weights)), context, lse
     ops = primitives(backend, x.device)
-    if attn_weight is not None:
-        context, lse = ops.attention_pool(x, *_attention_weights(x, attn_weight, attn_bias))
-    else:
-        context, _ = ops.channel_pool(x, False)
-        lse = context.new_empty((0,))
-    if scale_weights:
-        g = ACTIVATIONS[gate].forward(transform(scale_weights, context, scale_eps, act).out)
-    else:
-        g = torch.ones_like(context)
-    add = transform(add_weights, context, add_eps, act).out if add_weights else None
-    y = ops.channel_gate_apply(x, g, add, None, None, None)
+    with torch.autocast(x.device.type, enabled=False):  # the small math picks its dtypes by hand
+        if attn_weight is not None:
+            context, lse = ops.attention_pool(x, *_attention_weights(x, attn_weight, attn_bias))
+        else:
+            context, _ = ops.channel_pool(x, False)
+            lse = context.new_empty((0,))
+        if scale_weights:
+            g = ACTIVATIONS[gate].forward(transform(scale_weights, context, scale_eps, act).out)
+        else:
+            g = torch.ones_like(context)
+        add = transform(add_weights, context, add_eps, act).out if add_weights else None
+        y = ops.channel_gate_apply(x, g, add, None, None, None)
     return y, context, lse
 
 
-@gc_forward.register_fake
-def _(x, attn_weight, attn_bias, scale_weights, add_weights, scale_eps, add_eps, act, gate, backend):
+def _forward_fake(x, attn_weight, attn_bias, scale_weights, add_weights, scale_eps, add_eps, act, gate, backend):
     acc = acc_dtype(x.dtype)
     lse_shape = (x.shape[0],) if attn_weight is not None else (0,)
     return torch.empty_like(x), x.new_empty(x.shape[:2], dtype=acc), x.new_empty(lse_shape, dtype=acc)
 
 
-@fused_op("attn_kernels::gc_backward")
-def gc_backward(
-    dy: Tensor,
-    x: Tensor,
-    attn_weight: Optional[Tensor],
-    attn_bias: Optional[Tensor],
-    scale_weights: List[Tensor],
-    add_weights: List[Tensor],
-    context: Tensor,
-    lse: Tensor,
-    scale_eps: float,
-    add_eps: float,
-    act: str,
-    gate: str,
-    backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, List[Tensor], List[Tensor]]:
-    """Returns (dx, d attn_weight, d attn_bias, d scale_weights, d add_weights); the attention
-    gradients are empty for 'avg' pooling. d attn_bias is zero: a constant added to every logit
-    leaves the softmax unchanged (NaN where the logits' gradient holds a NaN, as eager's sum)."""
+gc_forward = define_op(_FORWARD_SCHEMA, _forward, _forward_fake)
+
+
+def _backward(dy, x, attn_weight, attn_bias, scale_weights, add_weights, context, lse, scale_eps, add_eps, act, gate,
+              backend):
+    """(dx, d attn_weight, d attn_bias, d scale_weights, d add_weights); an absent attention
+    weight or bias gets an empty (0,) gradient (the autograd function drops it). d attn_bias is
+    zero: a constant added to every logit leaves the softmax unchanged (NaN where the logits'
+    gradient holds a NaN, as eager's sum). Triton: 3 launches."""
+    if backend == "triton":
+        from .. import triton as kernels
+
+        dx, dweight, dbias, dscale, dadd = kernels.gc_grad_transform(
+            dy, x, context, lse, attn_weight, attn_bias, scale_weights, add_weights, scale_eps, add_eps, act, gate)
+        return (dx, dweight if dweight is not None else context.new_empty((0,)),
+                dbias if dbias is not None else context.new_empty((0,)), dscale, dadd)
     ops = primitives(backend, x.device)
-    N, C, H, W = x.shape
-    if scale_weights:
-        dot, _, dy_sum = ops.channel_grad_reduce(dy, x, None, bool(add_weights))
-    else:
-        dy_sum = ops.channel_pool(dy, False)[0] * (H * W)
-    dcontext = torch.zeros_like(context)
-    gate_values = None
-    dscale, dadd = [], []
-    if scale_weights:
-        t = transform(scale_weights, context, scale_eps, act)
-        gate_values = ACTIVATIONS[gate].forward(t.out)
-        dctx, dscale = transform_backward(scale_weights, context, t, ACTIVATIONS[gate].backward(dot, t.out), act)
-        dcontext += dctx
-    if add_weights:
-        dctx, dadd = transform_backward(add_weights, context, transform(add_weights, context, add_eps, act), dy_sum, act)
-        dcontext += dctx
-    if attn_weight is None:
-        g = gate_values if gate_values is not None else torch.ones_like(context)
-        dx = ops.channel_gate_apply(dy, g, dcontext / (H * W), None, None, None)
-        return dx, context.new_empty((0,)), context.new_empty((0,)), dscale, dadd
-    weight, bias = _attention_weights(x, attn_weight, attn_bias)
-    dx, dweight = ops.attention_pool_backward(dy, x, gate_values, context, dcontext, weight, bias, lse)
-    # sum_p of the logits' gradient is 0 per sample, up to rounding: unless one is NaN, which makes
-    # every d weight[c] = sum x * dl NaN or infinite too (and eager's sum NaN).
-    dattn_bias = (0 * dweight).sum().reshape(1).to((attn_bias if attn_bias is not None else attn_weight).dtype)
-    return dx, dweight.reshape(attn_weight.shape).to(attn_weight.dtype), dattn_bias, dscale, dadd
+    with torch.autocast(x.device.type, enabled=False):
+        N, C, H, W = x.shape
+        if scale_weights:
+            dot, _, dy_sum = ops.channel_grad_reduce(dy, x, None, bool(add_weights))
+        else:
+            dy_sum = ops.channel_pool(dy, False)[0] * (H * W)
+        dcontext = torch.zeros_like(context)
+        gate_values = None
+        dscale, dadd = [], []
+        if scale_weights:
+            t = transform(scale_weights, context, scale_eps, act)
+            gate_values = ACTIVATIONS[gate].forward(t.out)
+            dctx, dscale = transform_backward(scale_weights, context, t, ACTIVATIONS[gate].backward(dot, t.out), act)
+            dcontext += dctx
+        if add_weights:
+            t = transform(add_weights, context, add_eps, act)
+            dctx, dadd = transform_backward(add_weights, context, t, dy_sum, act)
+            dcontext += dctx
+        if attn_weight is None:
+            g = gate_values if gate_values is not None else torch.ones_like(context)
+            dx = ops.channel_gate_apply(dy, g, dcontext / (H * W), None, None, None)
+            return dx, context.new_empty((0,)), context.new_empty((0,)), dscale, dadd
+        weight, bias = _attention_weights(x, attn_weight, attn_bias)
+        dx, dweight = ops.attention_pool_backward(dy, x, gate_values, context, dcontext, weight, bias, lse)
+        # sum_p of the logits' gradient is 0 per sample, up to rounding: unless one is NaN, which
+        # makes every d weight[c] = sum x * dl NaN or infinite too (and eager's sum NaN).
+        if attn_bias is not None:
+            dattn_bias = (0 * dweight).sum().reshape(1).to(attn_bias.dtype)
+        else:
+            dattn_bias = context.new_empty((0,))
+        return dx, dweight.reshape(attn_weight.shape).to(attn_weight.dtype), dattn_bias, dscale, dadd
 
 
-@gc_backward.register_fake
-def _(dy, x, attn_weight, attn_bias, scale_weights, add_weights, context, lse, scale_eps, add_eps, act, gate, backend):
-    if attn_weight is None:
-        dattn = (context.new_empty((0,)), context.new_empty((0,)))
-    else:
-        dattn = (torch.empty_like(attn_weight),
-                 attn_weight.new_empty((1,), dtype=(attn_bias if attn_bias is not None else attn_weight).dtype))
+def _backward_fake(dy, x, attn_weight, attn_bias, scale_weights, add_weights, context, lse, scale_eps, add_eps, act,
+                   gate, backend):
+    dattn = [torch.empty_like(t) if t is not None else context.new_empty((0,)) for t in (attn_weight, attn_bias)]
     return (torch.empty_like(dy), *dattn, [torch.empty_like(w) for w in scale_weights],
             [torch.empty_like(w) for w in add_weights])
 
 
-def _setup_context(ctx, inputs, output):
-    x, attn_weight, attn_bias, scale_weights, add_weights, scale_eps, add_eps, act, gate, backend = inputs
-    _, context, lse = output
-    ctx.mark_non_differentiable(context, lse)
-    ctx.save_for_backward(x, attn_weight, attn_bias, context, lse, *scale_weights, *add_weights)
-    ctx.layout = (attn_weight is not None, attn_bias is not None, len(scale_weights), len(add_weights))
-    ctx.config = (scale_eps, add_eps, act, gate, backend)
+gc_backward = define_op(_BACKWARD_SCHEMA, _backward, _backward_fake)
 
 
-def _backward(ctx, dy, _dcontext, _dlse):
-    x, attn_weight, attn_bias, context, lse, *weights = ctx.saved_tensors
-    has_attn, has_attn_bias, n_scale, _ = ctx.layout
-    scale_weights, add_weights = weights[:n_scale], weights[n_scale:]
-    dx, dattn_weight, dattn_bias, dscale, dadd = gc_backward(
-        same_layout_as(dy, x), x, attn_weight, attn_bias, scale_weights, add_weights, context, lse, *ctx.config
-    )
-    return (
-        dx,
-        dattn_weight if has_attn else None,
-        dattn_bias if has_attn_bias else None,
-        dscale,
-        dadd,
-        None, None, None, None, None,
-    )
+class GC(torch.autograd.Function):
+    """GC's autograd: one op call forward, one backward. The transforms' tensors come flattened
+    after the attention weights (autograd tracks only direct tensor arguments); config =
+    (number of scale tensors, scale_eps, add_eps, act, gate, backend) travels as one argument."""
+
+    @staticmethod
+    def forward(ctx, config, x, attn_weight, attn_bias, *weights):
+        n_scale = config[0]
+        y, context, lse = gc_forward(x, attn_weight, attn_bias, weights[:n_scale], weights[n_scale:], *config[1:])
+        ctx.save_for_backward(x, attn_weight, attn_bias, context, lse, *weights)
+        ctx.config = config
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, attn_weight, attn_bias, context, lse, *weights = ctx.saved_tensors
+        n_scale = ctx.config[0]
+        dx, dattn_weight, dattn_bias, dscale, dadd = gc_backward(
+            same_layout_as(dy, x), x, attn_weight, attn_bias, weights[:n_scale], weights[n_scale:], context, lse,
+            *ctx.config[1:])
+        return (None, dx, dattn_weight if attn_weight is not None else None,
+                dattn_bias if attn_bias is not None else None, *dscale, *dadd)
 
 
-gc_forward.register_autograd(_backward, setup_context=_setup_context)
+def gc(x: Tensor, attn_weight: Optional[Tensor], attn_bias: Optional[Tensor], scale_weights: Sequence[Tensor],
+       add_weights: Sequence[Tensor], scale_eps: float, add_eps: float, act: str, gate: str, backend: str) -> Tensor:
+    """y = x * gate(t_scale(context)) + t_add(context), differentiable in x and every weight."""
+    return GC.apply((len(scale_weights), scale_eps, add_eps, act, gate, backend), x, attn_weight, attn_bias,
+                    *scale_weights, *add_weights)

@@ -78,23 +78,12 @@ def program_warps(block_c: int, block_hw: int, dtype: torch.dtype) -> int:
 
 
 @triton.jit
-def _pool_kernel(
-    x_ptr, w_ptr, b_ptr, acc_ptr, max_ptr, sum_ptr,
-    N, C, HW, stride_n, stride_c, stride_hw, hw_per_split,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    # One program per (n, split of H*W): acc[c] = sum_p exp(l_p - m) x[c, p] and s = sum_p
-    # exp(l_p - m) over the split, m the split's running max of the logits; acc in the program's
-    # row of acc_ptr.
-    n = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    acc_ty = acc_ptr.dtype.element_ty
-    x_image = x_ptr + n * stride_n
-    acc_row = acc_ptr + (split * N + n) * C
-    bias = tl.load(b_ptr)
-    hw_begin = split * hw_per_split
-    hw_end = tl.minimum(HW, hw_begin + hw_per_split)
-
+def pool_split(x_image, w_ptr, bias, acc_row, C, hw_begin, hw_end, stride_c, stride_hw, w_stride,
+               BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """One program's split [hw_begin, hw_end) of an image: acc[c] = sum_p exp(l_p - m) x[c, p]
+    into acc_row, and (m, s = sum_p exp(l_p - m)), m the split's max of the logits. The weight is
+    read in its own dtype (at w_stride), the math in acc_row's."""
+    acc_ty = acc_row.dtype.element_ty
     run_max = tl.sum(tl.full((BLOCK_HW,), float("-inf"), dtype=acc_ty), axis=0)  # -inf, a scalar of acc_ty
     run_sum = tl.sum(tl.zeros((BLOCK_HW,), dtype=acc_ty), axis=0)
     for start in range(hw_begin, hw_end, BLOCK_HW):
@@ -107,7 +96,7 @@ def _pool_kernel(
             # int64: c * stride_c passes 2^31 in an NCHW image of more than 2^31 elements
             c = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
             c_mask = c < C
-            w = tl.load(w_ptr + c, mask=c_mask, other=0)
+            w = tl.load(w_ptr + c * w_stride, mask=c_mask, other=0).to(acc_ty)
             tile = tl.load(x_image + c[:, None] * stride_c + hw[None, :] * stride_hw,
                            mask=c_mask[:, None] & hw_mask[None, :], other=0).to(acc_ty)
             logit_terms += tile * w[:, None]
@@ -132,6 +121,23 @@ def _pool_kernel(
             acc = tl.load(acc_row + c, mask=c_mask & (start > hw_begin), other=0)
             tl.store(acc_row + c, acc * rescale + tl.sum(tile * e[None, :], axis=1), mask=c_mask)
         run_max = new_max
+    return run_max, run_sum
+
+
+@triton.jit
+def _pool_kernel(
+    x_ptr, w_ptr, b_ptr, acc_ptr, max_ptr, sum_ptr,
+    N, C, HW, stride_n, stride_c, stride_hw, hw_per_split,
+    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    # One program per (n, split of H*W): pool_split's acc in the program's row of acc_ptr, its
+    # max and sum at (split, n).
+    n = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    hw_begin = split * hw_per_split
+    run_max, run_sum = pool_split(x_ptr + n * stride_n, w_ptr, tl.load(b_ptr), acc_ptr + (split * N + n) * C, C,
+                                  hw_begin, tl.minimum(HW, hw_begin + hw_per_split), stride_c, stride_hw, 1,
+                                  BLOCK_C, BLOCK_HW)
     tl.store(max_ptr + split * N + n, run_max)
     tl.store(sum_ptr + split * N + n, run_sum)
 
@@ -181,24 +187,13 @@ def combine_splits(partial, part_max, part_sum):
 
 
 @triton.jit
-def _backward_kernel(
-    dy_ptr, x_ptr, gate_ptr, ctx_ptr, dctx_ptr, w_ptr, b_ptr, lse_ptr, dx_ptr, dw_ptr,
-    N, C, HW, stride_n, stride_c, stride_hw, hw_per_split,
-    HAS_GATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
-):
-    # One program per (n, split of H*W): dx over the split, and its share of d weight in the
-    # program's row of dw_ptr.
-    n = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1).to(tl.int64)
-    acc_ty = dw_ptr.dtype.element_ty
-    image = n * stride_n
-    ctx_row, dctx_row, gate_row = ctx_ptr + n * C, dctx_ptr + n * C, gate_ptr + n * C
-    dw_row = dw_ptr + (split * N + n) * C
-    bias = tl.load(b_ptr)
-    lse = tl.load(lse_ptr + n)
-    hw_begin = split * hw_per_split
-    hw_end = tl.minimum(HW, hw_begin + hw_per_split)
-
+def backward_split(dy_ptr, x_ptr, dx_ptr, image, ctx_row, dctx_row, gate_row, w_ptr, bias, lse, dw_row, C, hw_begin,
+                   hw_end, stride_c, stride_hw, w_stride, HAS_GATE: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_HW: tl.constexpr):
+    """One program's split [hw_begin, hw_end) of an image (at offset image): dx over it, and its
+    share of d weight into dw_row. The weight is read in its own dtype (at w_stride), the math in
+    dw_row's."""
+    acc_ty = dw_row.dtype.element_ty
     for start in range(hw_begin, hw_end, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
         hw_mask = hw < hw_end
@@ -208,7 +203,7 @@ def _backward_kernel(
         for c_start in range(0, C, BLOCK_C):
             c = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
             c_mask = c < C
-            w = tl.load(w_ptr + c, mask=c_mask, other=0)
+            w = tl.load(w_ptr + c * w_stride, mask=c_mask, other=0).to(acc_ty)
             ctx = tl.load(ctx_row + c, mask=c_mask, other=0)
             dctx = tl.load(dctx_row + c, mask=c_mask, other=0)
             offsets = image + c[:, None] * stride_c + hw[None, :] * stride_hw
@@ -218,13 +213,13 @@ def _backward_kernel(
         a = tl.where(hw_mask, tl.exp(tl.sum(logit_terms, axis=0) + bias - lse), 0.0)
         dl = a * tl.sum(u_minus_k_terms, axis=0)
         # Pass 2: dx and d weight, a chunk at a time; the chunk's x again (from L1 or L2: pass 1
-        # has just read it). The barrier and the first tile's store: as in _pool_kernel.
+        # has just read it). The barrier and the first tile's store: as in pool_split.
         tl.debug_barrier()
         for c_start in range(0, C, BLOCK_C):
             c = (c_start + tl.arange(0, BLOCK_C)).to(tl.int64)
             c_mask = c < C
             mask = c_mask[:, None] & hw_mask[None, :]
-            w = tl.load(w_ptr + c, mask=c_mask, other=0)
+            w = tl.load(w_ptr + c * w_stride, mask=c_mask, other=0).to(acc_ty)
             dctx = tl.load(dctx_row + c, mask=c_mask, other=0)
             offsets = image + c[:, None] * stride_c + hw[None, :] * stride_hw
             tile = tl.load(x_ptr + offsets, mask=mask, other=0).to(acc_ty)
@@ -238,6 +233,22 @@ def _backward_kernel(
             tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
             dw = tl.load(dw_row + c, mask=c_mask & (start > hw_begin), other=0)
             tl.store(dw_row + c, dw + tl.sum(tile * dl[None, :], axis=1), mask=c_mask)
+
+
+@triton.jit
+def _backward_kernel(
+    dy_ptr, x_ptr, gate_ptr, ctx_ptr, dctx_ptr, w_ptr, b_ptr, lse_ptr, dx_ptr, dw_ptr,
+    N, C, HW, stride_n, stride_c, stride_hw, hw_per_split,
+    HAS_GATE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+):
+    # One program per (n, split of H*W): dx over the split, and its share of d weight in the
+    # program's row of dw_ptr.
+    n = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1).to(tl.int64)
+    hw_begin = split * hw_per_split
+    backward_split(dy_ptr, x_ptr, dx_ptr, n * stride_n, ctx_ptr + n * C, dctx_ptr + n * C, gate_ptr + n * C, w_ptr,
+                   tl.load(b_ptr), tl.load(lse_ptr + n), dw_ptr + (split * N + n) * C, C, hw_begin,
+                   tl.minimum(HW, hw_begin + hw_per_split), stride_c, stride_hw, 1, HAS_GATE, BLOCK_C, BLOCK_HW)
 
 
 def attention_pool_backward(dy, x, gate, context, dcontext, weight, bias, lse):
