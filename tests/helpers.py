@@ -258,3 +258,31 @@ class SkippedTritonLaunches:
     def take(self):
         launched, self._launched = self._launched, []
         return launched
+
+
+RESNET50_STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]  # (C, H = W) of each stage
+
+
+def check_launch_budget(make_block, backend: str, forward: int, backward: int, kernels=(2, 3)):
+    """Issue 26's launch budget of a block: at every ResNet-50 stage, N = 32 and 128, bf16 and fp32,
+    both layouts, in training, a forward of make_block(C) launches at most `forward` kernels and
+    GPU-launching aten ops, a backward (every parameter gradient included) at most `backward`, and
+    exactly `kernels` (forward, backward) of ours. The kernels are recorded, not run: Triton's in
+    the interpreter (SkippedTritonLaunches), the CUDA ones in the emulation's launch log."""
+    import itertools
+
+    from attn_kernels.host_cost import count_directions, emulated_cuda_launches
+
+    for (channels, size), n, dtype, layout in itertools.product(
+            RESNET50_STAGES, (32, 128), (torch.bfloat16, torch.float32), ("nchw", "channels_last")):
+        fused = make_block(channels).to(dtype).train()
+        memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        x = torch.empty(n, channels, size, size, dtype=dtype).to(memory_format=memory_format).requires_grad_()
+        recorded = SkippedTritonLaunches() if backend == "triton" else emulated_cuda_launches()
+        with attn_kernels.use_backend(backend), recorded as launched:
+            assert fused.dispatch(x).backend == backend
+            fused(x).backward(torch.empty_like(x))  # the first call allocates the per-sample counters
+            counts = count_directions(fused, x, torch.empty_like(x), launched)
+        case = f"{channels}x{size}x{size} N={n} {dtype} {layout}"
+        assert counts["fwd"]["launches"] <= forward and counts["fwd"]["kernels"] == kernels[0], (case, counts)
+        assert counts["bwd"]["launches"] <= backward and counts["bwd"]["kernels"] == kernels[1], (case, counts)

@@ -16,7 +16,7 @@ from attn_kernels import functional as F
 from attn_kernels import reference
 from attn_kernels.ops.scse import scse_backward, scse_forward
 from conftest import require_cpu_backend
-from helpers import assert_close_to_reference, check_empty_batch, make_x
+from helpers import assert_close_to_reference, check_empty_batch, check_launch_budget, make_x
 from patchable import SCSEModule
 
 smp = pytest.importorskip("segmentation_models_pytorch")
@@ -254,55 +254,11 @@ def test_bad_input_names_the_argument():
 
 
 @pytest.mark.cpu_kernels
-def test_triton_launch_budget_at_resnet50_shapes():
-    """Issue 26's budget for scSE: forward <= 2 launches, backward <= 3 (our kernels plus every aten
-    op that launches on a GPU), every weight's gradient included; counted with the kernels recorded,
-    not run, at every ResNet-50 stage, N = 32 and 128, bf16 and fp32, both layouts."""
-    import itertools
-
-    from attn_kernels.host_cost import count_directions
-    from helpers import SkippedTritonLaunches
-
-    for (channels, size), n, dtype, layout in itertools.product(
-            [(256, 56), (512, 28), (1024, 14), (2048, 7)], (32, 128), (torch.bfloat16, torch.float32), LAYOUTS):
-        fused = attn_kernels.FusedSCSE(channels).to(dtype).train()
-        memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-        x = torch.empty(n, channels, size, size, dtype=dtype).to(memory_format=memory_format).requires_grad_()
-        with attn_kernels.use_backend("triton"), SkippedTritonLaunches() as kernels:
-            assert fused.dispatch(x).backend == "triton"
-            fused(x).backward(torch.empty_like(x))  # the first call allocates the per-sample counters
-            counts = count_directions(fused, x, torch.empty_like(x), kernels)
-        case = f"{channels}x{size}x{size} N={n} {dtype} {layout}"
-        assert counts["fwd"]["launches"] <= 2 and counts["fwd"]["kernels"] == 2, (case, counts)
-        assert counts["bwd"]["launches"] <= 3 and counts["bwd"]["kernels"] == 3, (case, counts)
-
-
-@pytest.mark.cpu_kernels
-def test_cuda_launch_budget_at_resnet50_shapes():
-    """Issue 26's budget for scSE on the cuda backend: forward <= 2 launches, backward <= 3 (our
-    kernels plus every aten op that launches on a GPU), every weight's gradient included; counted
-    under the CUDA emulation with the launches validated and logged and no block run
-    (host_cost.emulated_cuda_launches), at every ResNet-50 stage, N = 32 and 128, bf16 and fp32,
-    both layouts."""
-    import itertools
-
-    from attn_kernels.host_cost import count_directions, emulated_cuda_launches
-
-    require_cpu_backend("cuda")
-    if torch.cuda.is_available():
-        pytest.skip("emulation test")
-    for (channels, size), n, dtype, layout in itertools.product(
-            [(256, 56), (512, 28), (1024, 14), (2048, 7)], (32, 128), (torch.bfloat16, torch.float32), LAYOUTS):
-        fused = attn_kernels.FusedSCSE(channels).to(dtype).train()
-        memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-        x = torch.empty(n, channels, size, size, dtype=dtype).to(memory_format=memory_format).requires_grad_()
-        with attn_kernels.use_backend("cuda"), emulated_cuda_launches() as kernels:
-            assert fused.dispatch(x).backend == "cuda"
-            fused(x).backward(torch.empty_like(x))  # the first call allocates the per-sample counters
-            counts = count_directions(fused, x, torch.empty_like(x), kernels)
-        case = f"{channels}x{size}x{size} N={n} {dtype} {layout}"
-        assert counts["fwd"]["launches"] <= 2 and counts["fwd"]["kernels"] == 2, (case, counts)
-        assert counts["bwd"]["launches"] <= 3 and counts["bwd"]["kernels"] == 3, (case, counts)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_launch_budget_at_resnet50_shapes(backend):
+    """Issue 26's budget for scSE: forward <= 2 launches, backward <= 3."""
+    require_cpu_backend(backend)
+    check_launch_budget(attn_kernels.FusedSCSE, backend, forward=2, backward=3)
 
 
 def emulated_launches(fn):

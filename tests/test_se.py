@@ -3,8 +3,6 @@
 Kernel tests run the 'triton' backend in Triton's interpreter on CPU where there is no GPU, and
 both kernel backends on the GPU where there is one (tests marked `gpu`).
 """
-import itertools
-
 import pytest
 import torch
 from torch import nn
@@ -15,7 +13,7 @@ from attn_kernels.ops.channel_gate import channel_gate_backward, channel_gate_fo
 from conftest import require_cpu_backend
 from helpers import (
     FAST_GRADCHECK, check_compiles_without_graph_break, check_kernel_against_reference, make_pair, make_x, run,
-    SkippedTritonLaunches, saved_for_backward, timm_layers,
+    check_launch_budget, saved_for_backward, timm_layers,
 )
 
 # (description, shape, SE constructor kwargs, x kind): small shapes for the interpreter.
@@ -225,28 +223,12 @@ CHANNEL_GATE_BLOCKS = {
     "CecaModule": lambda c: attn_kernels.FusedCECA(c),
     "ChannelAttn": lambda c: attn_kernels.FusedChannelAttn(c),
 }
-RESNET50_STAGES = [(256, 56), (512, 28), (1024, 14), (2048, 7)]
 
 
 @pytest.mark.cpu_kernels
 @pytest.mark.parametrize("block", list(CHANNEL_GATE_BLOCKS))
 def test_triton_launch_budget_at_resnet50_shapes(block):
-    """Counted with the kernels recorded, not run, in training mode at every ResNet-50 stage, N = 32
-    and 128, bfloat16 and float32, both layouts."""
-    from attn_kernels.host_cost import count_directions
-
-    for (channels, size), n, dtype, layout in itertools.product(
-            RESNET50_STAGES, (32, 128), (torch.bfloat16, torch.float32), LAYOUTS):
-        fused = CHANNEL_GATE_BLOCKS[block](channels).to(dtype).train()
-        memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-        x = torch.empty(n, channels, size, size, dtype=dtype).to(memory_format=memory_format).requires_grad_()
-        with attn_kernels.use_backend("triton"), SkippedTritonLaunches() as kernels:
-            assert fused.dispatch(x).backend == "triton"
-            fused(x).backward(torch.empty_like(x))  # the first call allocates the per-sample counters
-            counts = count_directions(fused, x, torch.empty_like(x), kernels)
-        case = f"{channels}x{size}x{size} N={n} {dtype} {layout}"
-        assert counts["fwd"]["launches"] <= 2 and counts["fwd"]["kernels"] == 2, (case, counts)
-        assert counts["bwd"]["launches"] <= 3 and counts["bwd"]["kernels"] == 3, (case, counts)
+    check_launch_budget(CHANNEL_GATE_BLOCKS[block], "triton", forward=2, backward=3)
 
 
 # ---- gradients, op contract -----------------------------------------------------------------

@@ -13,7 +13,6 @@ then calls `kernel[grid](...)`.
 """
 from typing import Dict, Tuple
 
-import torch
 import triton
 from triton import knobs
 from triton.runtime import driver
