@@ -5,9 +5,11 @@ pytest plugin tests/triton_specs.py records, with ATTN_KERNELS_TRITON_SPECS=FILE
 specialization of every launch as the compiled launcher would build it (pointer dtypes, i32/i64,
 integers equal to 1 made constants, divisibility by 16, constexprs, num_warps). This command:
 
-  * compiles every recorded specialization with triton.compile(ASTSource(...), target=GPUTarget(
+  * compiles the recorded specializations with triton.compile(ASTSource(...), target=GPUTarget(
     "cuda", 90, 32)) and GPUTarget("cuda", 80, 32) (no GPU or driver needed), in parallel processes;
-    any failure makes it exit non-zero, naming the kernel and the specialization;
+    any failure makes it exit non-zero, naming the kernel and the specialization. Of specializations
+    that differ only in their scalars' values (which ints are 1, which divisible by 16) one is
+    compiled, the most specialized (one_per_scalar_values; --every-scalar-value: all of them);
   * reads registers per thread and spill stores/loads from Triton's own ptxas run (-v) on the PTX,
     and the shared memory a launch asks for from the compiled kernel's metadata. Identical PTX (two
     specializations whose difference the code never used) is assembled once, its cubin reused;
@@ -119,6 +121,41 @@ def specialization(interpreted, args, kwargs):
         "attrs": {_path_name(names, path): v for path, v in sorted(attrs.items()) if v},
         "options": dict(sorted(launch_options.items())),
     }
+
+
+def _declared_constexprs(kernel: str) -> set:
+    """The parameters a kernel declares tl.constexpr (the others are tensors and scalars, which the
+    launcher may still turn into constants: an int equal to 1)."""
+    import inspect
+
+    fn = resolve(kernel)
+    python = getattr(fn, "fn", fn)  # a JITFunction's (or an interpreted function's) Python function
+    return {name for name, p in inspect.signature(python).parameters.items() if "constexpr" in str(p.annotation)}
+
+
+def one_per_scalar_values(specs):
+    """The specs, one kept of each group that differ only in the values of their scalar arguments:
+    which ints are 1 (made constants) and which are divisible by 16. Those values change the
+    constants the compiler folds, not the code a kernel's constexprs, dtypes and warps select, and
+    they multiply the specializations the tests record by the shapes they use. Kept: the one with
+    the most specialized scalars (the most constant folding), or the first in order."""
+    declared, groups = {}, {}
+    for spec in specs:
+        kernel = spec["kernel"]
+        if kernel not in declared:
+            declared[kernel] = _declared_constexprs(kernel)
+        real = declared[kernel]
+        scalars = {name for name, ty in spec["signature"].items()
+                   if name not in real and not ty.startswith("*")}
+        key = json.dumps([kernel, spec.get("options"),
+                          {k: v for k, v in spec["constexprs"].items() if k not in scalars},
+                          {k: v for k, v in spec["signature"].items() if k not in scalars},
+                          {k: v for k, v in spec.get("attrs", {}).items() if k not in scalars}], sort_keys=True)
+        facts = sum(k in scalars for k in spec["constexprs"]) + sum(k in scalars for k in spec.get("attrs", {}))
+        if key not in groups or facts > groups[key][0]:
+            groups[key] = (facts, spec)
+    kept = {id(spec) for _, spec in groups.values()}
+    return [spec for spec in specs if id(spec) in kept]
 
 
 def load_specs(paths):
@@ -597,6 +634,9 @@ def parse_args(argv=None):
     p.add_argument("--targets", default=",".join(map(str, DEFAULT_TARGETS)),
                    help="compute capabilities to compile for (default: %(default)s)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes (default: %(default)s)")
+    p.add_argument("--every-scalar-value", action="store_true",
+                   help="compile every recorded specialization, also those that differ only in which scalar "
+                        "arguments are 1 or divisible by 16 (default: one of each such group)")
     p.add_argument("--allow-nan-ignoring", action="store_true",
                    help="report NaN-ignoring max/min ops (arith.maxnumf/minnumf) without failing")
     p.add_argument("--cuda", action="store_true", help="also compile csrc/*.cu with nvcc and report their kernels")
@@ -616,6 +656,9 @@ def main(argv=None):
     args = parse_args(argv)
     targets = [int(t.strip().removeprefix("sm_").rstrip("a")) for t in args.targets.split(",") if t.strip()]
     specs, lines = load_specs(args.specs)
+    recorded = len(specs)
+    if not args.every_scalar_value:
+        specs = one_per_scalar_values(specs)
     if not specs and not args.cuda:
         print("kernel_report: no recorded specializations (record them with ATTN_KERNELS_TRITON_SPECS=FILE pytest)")
         return 2
@@ -627,8 +670,10 @@ def main(argv=None):
     elif specs:
         import triton
 
-        print(f"kernel_report: {lines} recorded launches, {len(specs)} unique specializations of "
-              f"{len({s['kernel'] for s in specs})} Triton kernels; compiling for "
+        print(f"kernel_report: {lines} recorded launches, {recorded} unique specializations of "
+              f"{len({s['kernel'] for s in specs})} Triton kernels"
+              + (f", {len(specs)} once the scalars' values are set aside (--every-scalar-value: all)"
+                 if len(specs) < recorded else "") + "; compiling for "
               f"{', '.join(map(sm_name, targets))} with triton {triton.__version__} in {args.jobs} processes",
               flush=True)
         results = compile_all(specs, targets, args.jobs)

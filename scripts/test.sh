@@ -24,7 +24,7 @@ fi
 ATTN_KERNELS_TRITON_SPECS=$specs python -m pytest "${workers[@]}" "$@"
 
 if [ -n "$specs" ]; then
-    step "Triton kernels compiled for sm_90a and sm_80 at every specialization the tests launched"
+    step "Triton kernels compiled for sm_90a and sm_80 at the specializations the tests launched"
     if [ -s "$specs" ]; then
         python -m attn_kernels.kernel_report --specs "$specs"
     else
