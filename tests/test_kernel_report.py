@@ -129,3 +129,25 @@ def test_parse_ptxas_and_names():
     assert kernel_report.short_name(demangled) == "gate_apply_kernel<bf16, fp32, 8, true, false>"
     over = {"registers": 129, "num_warps": 8, "spill_stores": 0, "spill_loads": 0}
     assert not kernel_report.meets_bar(over) and kernel_report.meets_bar(dict(over, registers=128))
+
+
+def test_one_specialization_is_compiled_per_group_of_scalar_values():
+    """Specializations that differ only in which scalars are 1 (made constants) or divisible by 16
+    compile once, the most specialized kept; a different constexpr, dtype or pointer alignment is
+    its own group."""
+    name = f"{__name__}:_scale_kernel"
+    base = {"kernel": name, "options": {"num_warps": 4},
+            "signature": {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "one": "i32", "big": "i64", "odd": "i32",
+                          "scale": "fp32", "BLOCK": "constexpr"},
+            "constexprs": {"BLOCK": 64}, "attrs": {"x_ptr": DIVISIBLE, "y_ptr": DIVISIBLE}}
+    n_divisible = json.loads(json.dumps(base))
+    n_divisible["attrs"]["n"] = DIVISIBLE
+    one_is_1 = json.loads(json.dumps(n_divisible))
+    one_is_1["signature"]["one"] = "constexpr"
+    one_is_1["constexprs"]["one"] = 1
+    other_block = json.loads(json.dumps(base))
+    other_block["constexprs"]["BLOCK"] = 128
+    unaligned = json.loads(json.dumps(base))
+    del unaligned["attrs"]["y_ptr"]
+    kept = kernel_report.one_per_scalar_values([base, n_divisible, one_is_1, other_block, unaligned])
+    assert kept == [one_is_1, other_block, unaligned]
